@@ -1,0 +1,285 @@
+"""Opening SQLite the one right way, and the schema ladder.
+
+`connect()` gives a configured APSW connection (WAL, busy timeout, foreign keys);
+`migrate()` brings a database to SCHEMA_VERSION and refuses a newer one;
+`reader()` hands each thread its own read-only connection, reopened after a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import apsw
+import apsw.bestpractice
+
+APPLICATION_ID = 0x43504D31  # "CPM1"
+
+_setup_lock = threading.Lock()
+_setup_done = False
+
+
+class SchemaError(RuntimeError):
+    """The database file cannot be used by this version of CPA Monitor."""
+
+
+def setup_sqlite() -> None:
+    """Apply APSW's recommended best practice once per process."""
+    global _setup_done
+    with _setup_lock:
+        if not _setup_done:
+            apsw.bestpractice.apply(apsw.bestpractice.recommended)
+            _setup_done = True
+
+
+def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -> apsw.Connection:
+    setup_sqlite()
+    if readonly:
+        flags = apsw.SQLITE_OPEN_READONLY
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    conn = apsw.Connection(path, flags=flags, statementcachesize=200)
+    conn.set_busy_timeout(busy_timeout_ms)
+    conn.pragma("foreign_keys", True)
+    if not readonly:
+        conn.pragma("journal_mode", "wal")
+        conn.pragma("synchronous", "NORMAL")
+        conn.pragma("journal_size_limit", 64 * 1024 * 1024)
+    conn.pragma("cache_size", -32768)  # 32 MiB page cache per connection
+    return conn
+
+
+# --- schema -----------------------------------------------------------------
+# Each entry upgrades from version N-1 to N. Never edit a released step; add one.
+
+_V1 = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    event_hash TEXT NOT NULL,
+    instance TEXT NOT NULL DEFAULT 'default',
+    ts_ms INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    request_id TEXT,
+    provider TEXT NOT NULL DEFAULT 'unknown',
+    payload_provider TEXT,
+    request_type TEXT,
+    endpoint TEXT,
+    method TEXT,
+    path TEXT,
+    auth_type TEXT,
+    auth_index TEXT,
+    account_key TEXT NOT NULL DEFAULT '-',
+    account TEXT,
+    auth_file TEXT,
+    project_id TEXT,
+    source TEXT,
+    source_hash TEXT,
+    api_key_hash TEXT,
+    api_key_masked TEXT,
+    user_agent TEXT,
+    model TEXT NOT NULL DEFAULT '-',
+    resolved_model TEXT,
+    analytics_model TEXT NOT NULL DEFAULT '-',
+    billing_model TEXT NOT NULL DEFAULT '-',
+    reasoning_effort TEXT,
+    service_tier TEXT,
+    request_service_tier TEXT,
+    response_service_tier TEXT,
+    cache_input_mode TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+    norm_input_tokens INTEGER NOT NULL DEFAULT 0,
+    norm_uncached_tokens INTEGER NOT NULL DEFAULT 0,
+    norm_cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    compat_cached_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_state TEXT NOT NULL DEFAULT 'miss',
+    latency_ms INTEGER,
+    ttft_ms INTEGER,
+    streaming INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    status_code INTEGER,
+    status_class TEXT NOT NULL DEFAULT 'success',
+    failure_type TEXT NOT NULL DEFAULT 'none',
+    fail_summary TEXT,
+    quota_plan TEXT,
+    quota_used_pct REAL,
+    quota_recover_at_ms INTEGER,
+    quota_window TEXT,
+    error_kind TEXT,
+    error_code TEXT,
+    trace_id TEXT,
+    retry_after_s INTEGER,
+    response_meta TEXT,
+    est_cost_usd REAL NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX events_ts ON events(ts_ms);
+CREATE INDEX events_account_ts ON events(account_key, ts_ms);
+CREATE INDEX events_api_key_ts ON events(api_key_hash, ts_ms);
+CREATE INDEX events_model_ts ON events(analytics_model, ts_ms);
+CREATE INDEX events_request_id ON events(request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX events_trace_id ON events(trace_id) WHERE trace_id IS NOT NULL;
+CREATE INDEX events_failed_ts ON events(ts_ms) WHERE failed = 1;
+
+-- Never read by any query, API or export: raw failure bodies and client addresses.
+CREATE TABLE event_private (
+    event_id INTEGER PRIMARY KEY REFERENCES events(id) ON DELETE CASCADE,
+    fail_body TEXT,
+    client_ip TEXT,
+    x_forwarded_for TEXT,
+    raw_json TEXT
+);
+
+-- Dedup ledger: outlives the event row, so a pruned event is never stored again.
+CREATE TABLE event_ledger (
+    hash BLOB PRIMARY KEY,
+    ts_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    instance TEXT NOT NULL DEFAULT 'default',
+    origin TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB
+);
+CREATE INDEX dead_letters_received ON dead_letters(received_ms);
+
+CREATE TABLE credential_errors (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    instance TEXT NOT NULL DEFAULT 'default',
+    provider TEXT,
+    model TEXT,
+    auth_id TEXT,
+    auth_index TEXT,
+    account_key TEXT NOT NULL DEFAULT '-',
+    status_code INTEGER,
+    code TEXT,
+    retryable INTEGER,
+    quota_exceeded INTEGER,
+    next_retry_after_ms INTEGER,
+    summary TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX credential_errors_ts ON credential_errors(ts_ms);
+CREATE TABLE credential_error_private (
+    error_id INTEGER PRIMARY KEY REFERENCES credential_errors(id) ON DELETE CASCADE,
+    body TEXT
+);
+
+CREATE TABLE accounts (
+    instance TEXT NOT NULL,
+    auth_index TEXT NOT NULL,
+    name TEXT,
+    label TEXT,
+    account TEXT,
+    provider TEXT,
+    project_id TEXT,
+    status TEXT,
+    status_message TEXT,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    unavailable INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (instance, auth_index)
+);
+CREATE TABLE account_status_changes (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    auth_index TEXT NOT NULL,
+    label TEXT,
+    old_status TEXT,
+    new_status TEXT
+);
+
+CREATE TABLE collector_status (
+    instance TEXT PRIMARY KEY,
+    url TEXT,
+    mode TEXT,
+    transport TEXT,
+    state TEXT NOT NULL DEFAULT 'stopped',
+    holder TEXT,
+    last_consumed_ms INTEGER,
+    last_inserted_ms INTEGER,
+    inserted INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    dead_letters INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_stage TEXT,
+    last_error_ms INTEGER,
+    usage_publishing INTEGER,
+    queue_retention_s INTEGER,
+    warnings TEXT,
+    started_ms INTEGER,
+    updated_ms INTEGER
+);
+CREATE TABLE collector_episodes (
+    id INTEGER PRIMARY KEY,
+    instance TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER,
+    detail TEXT
+);
+CREATE INDEX collector_episodes_start ON collector_episodes(start_ms);
+
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+MIGRATIONS: list[str] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Upgrade to SCHEMA_VERSION in one transaction; return the version reached."""
+    with conn:
+        current = conn.pragma("user_version")
+        if current > SCHEMA_VERSION:
+            raise SchemaError(
+                f"database schema version {current} is newer than this CPA Monitor "
+                f"understands ({SCHEMA_VERSION}); upgrade cpa-monitor or use another database"
+            )
+        app_id = conn.pragma("application_id")
+        if app_id not in (0, APPLICATION_ID):
+            raise SchemaError(f"not a CPA Monitor database (application_id {app_id:#x})")
+        for step in range(current, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[step])
+        conn.pragma("user_version", SCHEMA_VERSION)
+        conn.pragma("application_id", APPLICATION_ID)
+    return SCHEMA_VERSION
+
+
+def open_database(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
+    """A read-write connection to a migrated database (created on first use)."""
+    conn = connect(path, busy_timeout_ms=busy_timeout_ms)
+    migrate(conn)
+    return conn
+
+
+class Readers:
+    """One read-only connection per thread, reopened when the process has forked."""
+
+    def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+
+    def get(self) -> apsw.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = connect(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn

@@ -1,0 +1,50 @@
+"""Typed values shared by every layer (no I/O, no package imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """One CPA usage event, ready to store.
+
+    `row` maps events-table column names to values (everything an API may read);
+    `private` maps event_private column names (raw fail body, client IP, XFF,
+    redacted raw JSON) that no query, API or export ever reads; `ledger_hash`
+    is the 16-byte prefix of sha256(event_hash parts) used by the dedup ledger.
+    """
+
+    row: dict[str, Any]
+    private: dict[str, Any]
+    ledger_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control payload on the usage stream: `refresh` or `support_refresh`."""
+
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An item that cannot become an event: goes to dead_letters with the reason."""
+
+    reason: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class InsertResult:
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    inserted_ids: list[int] = field(default_factory=list)
+
+    def add(self, other: "InsertResult") -> None:
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        self.dead_letters += other.dead_letters
+        self.inserted_ids.extend(other.inserted_ids)
