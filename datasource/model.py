@@ -48,3 +48,57 @@ class InsertResult:
         self.duplicates += other.duplicates
         self.dead_letters += other.dead_letters
         self.inserted_ids.extend(other.inserted_ids)
+
+
+# --- read side ----------------------------------------------------------------
+
+
+class BadRequest(ValueError):
+    """The client asked for something invalid (unknown target, bad payload value): a 400."""
+
+
+class Unavailable(RuntimeError):
+    """The store cannot answer now (busy, a query limit hit): a 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    """One filter condition. op: '=', '!=', '=~', '!~', '<', '>'.
+
+    For '=' and '!=' `values` are alternatives (any of them matches); for '=~'
+    and '!~' there is one regex; for '<' and '>' one number.
+    """
+
+    key: str
+    op: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One Grafana target, parsed: what to compute, over which window and filter."""
+
+    target: str
+    payload: dict[str, Any]
+    from_ms: int
+    to_ms: int
+    interval_ms: int
+    max_data_points: int
+    clauses: tuple[Clause, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    type: str  # "time" | "number" | "string" | "boolean"
+    values: list[Any]
+    config: dict[str, Any] | None = None
+    labels: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    name: str
+    fields: list[Field]
+    meta: dict[str, Any] | None = None
