@@ -117,6 +117,9 @@ CREATE TABLE events (
     trace_id TEXT,
     retry_after_s INTEGER,
     response_meta TEXT,
+    action TEXT,
+    action_reason TEXT,
+    action_detail TEXT,
     est_cost_usd REAL NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL
 );
