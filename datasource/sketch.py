@@ -1,0 +1,204 @@
+"""Pure, mergeable log-bucket histogram for latency and TTFT percentiles.
+
+DDSketch construction with relative accuracy a = 1 %: bucket i holds the values
+in (gamma^(i-1), gamma^i] with gamma = (1 + a) / (1 - a), and a bucket reports
+its values as 2 * gamma^i / (gamma + 1), which is within a of every value in it.
+Quantiles use nearest rank (the k-th smallest value, k = ceil(q * n)), the rule
+the reference uses for p95; values <= 0 (and None) are not samples, again like
+the reference, so a sketch only ever holds positive values.
+
+Serialization is sparse and compact: a version byte, the number of buckets, then
+per bucket (in index order) a varint index delta (zigzag for the first index)
+and a varint count. Two sketches of the same accuracy merge by adding counts,
+so hourly sketches add up to daily, monthly, or across dimensions exactly as
+the union of their samples would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+ACCURACY = 0.01
+GAMMA = (1 + ACCURACY) / (1 - ACCURACY)
+_LOG_GAMMA = math.log(GAMMA)
+_MIDPOINT = 2.0 / (GAMMA + 1.0)
+FORMAT_VERSION = 1
+
+
+class SketchError(ValueError):
+    """Bytes that are not a serialized sketch of this format."""
+
+
+def bucket_index(value: float) -> int:
+    """The bucket holding a positive value: ceil(log_gamma(value))."""
+    return math.ceil(math.log(value) / _LOG_GAMMA)
+
+
+def bucket_value(index: int) -> float:
+    """The value a bucket reports: within ACCURACY of anything stored in it."""
+    return GAMMA**index * _MIDPOINT
+
+
+def rank(q: float, n: int) -> int:
+    """Nearest rank k = ceil(q * n), clamped to [1, n], computed without float drift.
+
+    q is taken to 6 decimals, so 0.95 * 100 is exactly 95 (plain floats give
+    95.00000000000001 for some n and would pick the 96th value).
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be within [0, 1], got {q!r}")
+    scaled = round(q * 1_000_000)
+    k = (n * scaled + 999_999) // 1_000_000
+    return min(max(k, 1), n)
+
+
+class Sketch:
+    """A sparse histogram: bucket index -> count of samples."""
+
+    __slots__ = ("bins", "count")
+
+    def __init__(self, bins: Mapping[int, int] | None = None) -> None:
+        self.bins: dict[int, int] = dict(bins) if bins else {}
+        self.count: int = sum(self.bins.values())
+
+    def add(self, value: float | None) -> None:
+        """Record one sample; None, zero and negative values are ignored."""
+        if value is None or value <= 0:
+            return
+        i = math.ceil(math.log(value) / _LOG_GAMMA)
+        bins = self.bins
+        bins[i] = bins.get(i, 0) + 1
+        self.count += 1
+
+    def extend(self, values: Iterable[float | None]) -> None:
+        for value in values:
+            self.add(value)
+
+    def merge(self, other: "Sketch") -> None:
+        """Add another sketch's samples into this one."""
+        bins = self.bins
+        for i, c in other.bins.items():
+            bins[i] = bins.get(i, 0) + c
+        self.count += other.count
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank q-quantile estimate; None when there are no samples."""
+        if self.count == 0:
+            return None
+        k = rank(q, self.count)
+        seen = 0
+        for i in sorted(self.bins):
+            seen += self.bins[i]
+            if seen >= k:
+                return GAMMA**i * _MIDPOINT
+        raise AssertionError("bucket counts do not add up to count")  # pragma: no cover
+
+    def quantiles(self, qs: Iterable[float]) -> list[float | None]:
+        """Several quantiles in one pass over the sorted buckets."""
+        wanted = list(qs)
+        if self.count == 0:
+            return [None] * len(wanted)
+        order = sorted(range(len(wanted)), key=lambda j: wanted[j])
+        out: list[float | None] = [None] * len(wanted)
+        keys = sorted(self.bins)
+        pos, seen = 0, 0
+        for j in order:
+            k = rank(wanted[j], self.count)
+            while seen < k:
+                seen += self.bins[keys[pos]]
+                pos += 1
+            out[j] = GAMMA ** keys[pos - 1] * _MIDPOINT
+        return out
+
+    def to_bytes(self) -> bytes:
+        return encode(self.bins)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> "Sketch":
+        return cls(decode(data)) if data else cls()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sketch) and self.bins == other.bins
+
+    def __repr__(self) -> str:
+        return f"Sketch(count={self.count}, buckets={len(self.bins)})"
+
+
+# --- serialization ------------------------------------------------------------
+
+
+def _put_varint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def encode(bins: Mapping[int, int]) -> bytes:
+    """Sparse bytes: version, bucket count, then (index delta, count) varint pairs."""
+    out = bytearray((FORMAT_VERSION,))
+    items = sorted((i, c) for i, c in bins.items() if c)
+    _put_varint(out, len(items))
+    prev = None
+    for i, c in items:
+        if prev is None:
+            _put_varint(out, (i << 1) ^ (i >> 63))  # zigzag: small negatives stay small
+        else:
+            _put_varint(out, i - prev)
+        _put_varint(out, c)
+        prev = i
+    return bytes(out)
+
+
+def decode(data: bytes) -> dict[int, int]:
+    """Inverse of encode(); raises SketchError on anything malformed."""
+    if not data or data[0] != FORMAT_VERSION:
+        raise SketchError("not a sketch (unknown format version)")
+    values: list[int] = []
+    n, shift, pos, size = 0, 0, 1, len(data)
+    while pos < size:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+            continue
+        values.append(n)
+        n, shift = 0, 0
+    if shift or not values or len(values) != 1 + 2 * values[0]:
+        raise SketchError("truncated or malformed sketch")
+    bins: dict[int, int] = {}
+    z = values[1] if values[0] else 0
+    i = (z >> 1) ^ -(z & 1)
+    for j in range(1, len(values), 2):
+        if j > 1:
+            if values[j] == 0:
+                raise SketchError("bucket indexes must increase")
+            i += values[j]
+        bins[i] = values[j + 1]
+    return bins
+
+
+def merge_bytes(a: bytes | None, b: bytes | None) -> bytes | None:
+    """Merge two serialized sketches (either may be None); the SQL merge function."""
+    if not a:
+        return b
+    if not b:
+        return a
+    bins = decode(a)
+    for i, c in decode(b).items():
+        bins[i] = bins.get(i, 0) + c
+    return encode(bins)
+
+
+def merge_all(blobs: Iterable[bytes | None]) -> Sketch:
+    """One sketch from many serialized ones (None entries are skipped)."""
+    total = Sketch()
+    bins = total.bins
+    for blob in blobs:
+        if blob:
+            for i, c in decode(blob).items():
+                bins[i] = bins.get(i, 0) + c
+    total.count = sum(bins.values())
+    return total
