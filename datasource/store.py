@@ -1,0 +1,216 @@
+"""Write side of the SQLite store: batched inserts behind the dedup ledger, retention, backup.
+
+All SQL here is constant text with bound parameters. The one dynamic part, the
+column list of an INSERT, is never taken from input: it is the intersection of
+the row's keys with the table's own columns (read from the schema), so a row
+key the table does not know is dropped with a warning instead of reaching SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import apsw
+
+from datasource.model import InsertResult, Normalized, Rejected
+
+logger = logging.getLogger(__name__)
+
+INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms) VALUES (?, ?)"
+SELECT_MAX_EVENT_ID = "SELECT coalesce(max(id), 0) FROM events"
+SELECT_ACCOUNT = (
+    "SELECT name, label, account, provider, project_id FROM accounts "
+    "WHERE instance = ? AND auth_index = ?"
+)
+INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters(received_ms, instance, origin, reason, payload) VALUES (?, ?, ?, ?, ?)"
+)
+SELECT_TABLE_COLUMNS = "SELECT name FROM pragma_table_info(?)"
+SELECT_PRUNE_IDS = "SELECT id FROM events WHERE ts_ms < ? ORDER BY ts_ms, id LIMIT ?"
+DELETE_PRIVATE = "DELETE FROM event_private WHERE event_id = ?"
+DELETE_EVENT = "DELETE FROM events WHERE id = ?"
+DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE received_ms < ?"
+
+# The tables insert_batch writes rows into, with the column that links a row to its event.
+_TABLES = {"events": "id", "event_private": "event_id"}
+
+SELECT_EXPORT = """
+SELECT * FROM events
+WHERE ts_ms >= :from_ms AND ts_ms < :to_ms
+  AND (:instance IS NULL OR instance = :instance)
+  AND (:provider IS NULL OR provider = :provider OR payload_provider = :provider)
+  AND (:model IS NULL OR analytics_model = :model OR model = :model OR resolved_model = :model)
+  AND (:account IS NULL OR account_key = :account OR account = :account OR auth_index = :account)
+  AND (:api_key IS NULL OR api_key_hash = :api_key OR api_key_masked = :api_key)
+ORDER BY ts_ms, id
+"""
+EXPORT_FILTERS = ("instance", "provider", "model", "account", "api_key")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def table_columns(conn: apsw.Connection, table: str) -> frozenset[str]:
+    """The column names of one of the tables insert_batch writes."""
+    if table not in _TABLES:
+        raise ValueError(f"not a store table: {table}")
+    return frozenset(row[0] for row in conn.execute(SELECT_TABLE_COLUMNS, (table,)))
+
+
+def insert_batch(
+    conn: apsw.Connection,
+    items: Sequence[Normalized | Rejected],
+    *,
+    origin: str,
+    instance: str = "default",
+    now_ms: int | None = None,
+) -> InsertResult:
+    """Store one batch in one IMMEDIATE transaction; duplicates (by ledger hash) are skipped.
+
+    Normalized items become events rows (enriched from `accounts`) plus an
+    event_private row when they carry a private value; Rejected items become
+    dead letters. Returns the counts and the new event ids in input order.
+    """
+    received_ms = _now_ms() if now_ms is None else now_ms
+    result = InsertResult()
+    events: list[dict[str, Any]] = []
+    privates: list[dict[str, Any]] = []
+    dead: list[tuple[Any, ...]] = []
+    conn.transaction_mode = "IMMEDIATE"
+    with conn:
+        next_id = conn.execute(SELECT_MAX_EVENT_ID).get + 1
+        accounts: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        for item in items:
+            if isinstance(item, Rejected):
+                dead.append((received_ms, instance, origin, item.reason, item.payload))
+                continue
+            conn.execute(INSERT_LEDGER, (item.ledger_hash, item.row["ts_ms"]))
+            if not conn.changes():
+                result.duplicates += 1
+                continue
+            row = _enrich(conn, item.row, instance, accounts)
+            row["id"] = next_id
+            events.append(row)
+            private = {k: v for k, v in item.private.items() if v is not None}
+            if private:
+                private["event_id"] = next_id
+                privates.append(private)
+            result.inserted_ids.append(next_id)
+            next_id += 1
+        _insert_rows(conn, "events", events)
+        _insert_rows(conn, "event_private", privates)
+        if dead:
+            conn.executemany(INSERT_DEAD_LETTER, dead)
+    result.inserted = len(events)
+    result.dead_letters = len(dead)
+    return result
+
+
+def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) -> None:
+    """executemany per distinct key set; keys that are not columns of `table` are dropped."""
+    if not rows:
+        return
+    allowed = table_columns(conn, table)
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        keys = tuple(row)
+        groups.setdefault(keys, []).append(tuple(row.values()))
+    for keys, values in groups.items():
+        unknown = [k for k in keys if k not in allowed]
+        if unknown:
+            logger.warning("dropping unknown %s columns: %s", table, ", ".join(sorted(unknown)))
+            index = [i for i, k in enumerate(keys) if k in allowed]
+            keys = tuple(keys[i] for i in index)
+            values = [tuple(v[i] for i in index) for v in values]
+        sql = f"INSERT INTO {table}({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
+        conn.executemany(sql, values)
+
+
+def _enrich(
+    conn: apsw.Connection,
+    row: Mapping[str, Any],
+    instance: str,
+    cache: dict[tuple[str, str], tuple[Any, ...] | None],
+) -> dict[str, Any]:
+    """A copy of `row` with empty account fields filled from the accounts table."""
+    out = dict(row)
+    auth_index = out.get("auth_index")
+    if not auth_index:
+        return out
+    key = (out.get("instance") or instance, str(auth_index))
+    if key not in cache:
+        cache[key] = conn.execute(SELECT_ACCOUNT, key).fetchone()
+    found = cache[key]
+    if found is None:
+        return out
+    name, label, account, provider, project_id = found
+    if not out.get("account") and (account or label):
+        out["account"] = account or label
+    if not out.get("auth_file") and name:
+        out["auth_file"] = name
+    if not out.get("project_id") and project_id:
+        out["project_id"] = project_id
+    current = out.get("provider")
+    if provider and (not current or current == "unknown" or current == out.get("payload_provider")):
+        out.setdefault("payload_provider", current)
+        out["provider"] = provider
+    return out
+
+
+def prune(conn: apsw.Connection, older_than_ms: int, *, batch: int = 5000) -> int:
+    """Delete events (and their private rows) with ts_ms < older_than_ms, `batch` per transaction.
+
+    The dedup ledger is kept, so a pruned event is never stored again; dead
+    letters received before the cutoff go too. Returns the events deleted.
+    """
+    if batch <= 0:
+        raise ValueError("batch must be positive")
+    conn.transaction_mode = "IMMEDIATE"
+    deleted = 0
+    while True:
+        with conn:
+            ids = [(row[0],) for row in conn.execute(SELECT_PRUNE_IDS, (older_than_ms, batch))]
+            conn.executemany(DELETE_PRIVATE, ids)
+            conn.executemany(DELETE_EVENT, ids)
+        deleted += len(ids)
+        if len(ids) < batch:
+            break
+    with conn:
+        conn.execute(DELETE_DEAD_LETTERS, (older_than_ms,))
+    logger.info("pruned %d events older than %d", deleted, older_than_ms)
+    return deleted
+
+
+def backup(conn: apsw.Connection, dest_path: str) -> None:
+    """Copy the live database to dest_path with SQLite's online backup API."""
+    if os.path.abspath(dest_path) == os.path.abspath(conn.filename):
+        raise ValueError("backup destination is the database itself")
+    dest = apsw.Connection(dest_path)
+    try:
+        with dest.backup("main", conn, "main") as job:
+            while not job.done:
+                job.step(1024)
+    finally:
+        dest.close()
+    logger.info("backed up %s to %s", conn.filename, dest_path)
+
+
+def iter_export_rows(
+    conn: apsw.Connection, from_ms: int, to_ms: int, filters: Mapping[str, str | None]
+) -> Iterator[dict[str, Any]]:
+    """Events with from_ms <= ts_ms < to_ms matching the filters, oldest first, as dicts."""
+    unknown = set(filters) - set(EXPORT_FILTERS)
+    if unknown:
+        raise ValueError(f"unknown export filters: {', '.join(sorted(unknown))}")
+    params: dict[str, Any] = {name: filters.get(name) or None for name in EXPORT_FILTERS}
+    params.update(from_ms=from_ms, to_ms=to_ms)
+    cursor = conn.execute(SELECT_EXPORT, params)
+    names: list[str] | None = None
+    for values in cursor:
+        if names is None:
+            names = [d[0] for d in cursor.get_description()]
+        yield dict(zip(names, values))

@@ -1,0 +1,196 @@
+"""store.insert_batch / prune / backup against real SQLite files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import apsw
+import pytest
+
+from datasource import store
+from datasource.db import connect, open_database
+from datasource.model import Normalized, Rejected
+
+
+def event(n: int, *, ts_ms: int = 1_778_000_000_000, **extra) -> Normalized:
+    digest = hashlib.sha256(f"event-{n}".encode()).hexdigest()
+    row = {
+        "event_hash": digest,
+        "ts_ms": ts_ms,
+        "ts": "2026-05-05T16:53:20Z",
+        "model": "gpt-5.4",
+        "analytics_model": "gpt-5.4",
+        "provider": "codex",
+        "payload_provider": "codex",
+        "input_tokens": 10 * n,
+        "output_tokens": n,
+        "created_ms": ts_ms + 5,
+    }
+    row.update(extra.pop("row", {}))
+    private = extra.pop("private", {"fail_body": None, "client_ip": None, "x_forwarded_for": None, "raw_json": None})
+    return Normalized(row=row, private=private, ledger_hash=bytes.fromhex(digest)[:16])
+
+
+def count(conn, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").get
+
+
+def test_insert_then_same_batch_again_is_all_duplicates(conn):
+    batch = [event(1), event(2), event(3)]
+    first = store.insert_batch(conn, batch, origin="test", now_ms=1)
+    assert (first.inserted, first.duplicates, first.dead_letters) == (3, 0, 0)
+    assert first.inserted_ids == [1, 2, 3]
+    assert conn.execute("SELECT sum(input_tokens), sum(output_tokens) FROM events").fetchone() == (60, 6)
+    second = store.insert_batch(conn, batch, origin="test", now_ms=2)
+    assert (second.inserted, second.duplicates, second.inserted_ids) == (0, 3, [])
+    assert count(conn, "events") == 3
+    assert count(conn, "event_ledger") == 3
+
+
+def test_duplicate_within_one_batch_counts_once(conn):
+    result = store.insert_batch(conn, [event(7), event(8), event(7)], origin="test")
+    assert (result.inserted, result.duplicates) == (2, 1)
+    assert conn.execute("SELECT sum(input_tokens) FROM events").get == 150
+
+
+def test_private_row_only_when_it_has_a_value(conn):
+    plain = event(1)
+    secret = event(2, private={"fail_body": "raw body", "client_ip": "192.0.2.1", "x_forwarded_for": None,
+                               "raw_json": None})
+    result = store.insert_batch(conn, [plain, secret], origin="test")
+    rows = conn.execute("SELECT event_id, fail_body, client_ip, x_forwarded_for FROM event_private").fetchall()
+    assert rows == [(result.inserted_ids[1], "raw body", "192.0.2.1", None)]
+
+
+def test_rejected_items_become_dead_letters_next_to_stored_events(conn):
+    items = [event(1), Rejected("invalid JSON: Expecting value", b"not json"), event(2)]
+    result = store.insert_batch(conn, items, origin="ingest:x.jsonl", instance="east", now_ms=1234)
+    assert (result.inserted, result.duplicates, result.dead_letters) == (2, 0, 1)
+    assert conn.execute("SELECT received_ms, instance, origin, reason, payload FROM dead_letters").fetchall() == [
+        (1234, "east", "ingest:x.jsonl", "invalid JSON: Expecting value", b"not json")
+    ]
+
+
+def test_enrichment_fills_only_missing_account_fields(conn):
+    with conn:
+        conn.execute(
+            "INSERT INTO accounts(instance, auth_index, name, label, account, provider, project_id, updated_ms) "
+            "VALUES ('default', 'a1', 'alice.json', 'Alice', 'alice@example.com', 'openai', 'proj-9', 1)"
+        )
+        conn.execute(
+            "INSERT INTO accounts(instance, auth_index, name, label, account, provider, project_id, updated_ms) "
+            "VALUES ('default', 'b2', 'bob.json', 'Bob', NULL, NULL, NULL, 1)"
+        )
+    items = [
+        event(1, row={"auth_index": "a1"}),
+        event(2, row={"auth_index": "a1", "account": "kept", "project_id": "own"}),
+        event(3, row={"auth_index": "b2"}),
+        event(4, row={"auth_index": "zz"}),
+    ]
+    store.insert_batch(conn, items, origin="test")
+    rows = conn.execute(
+        "SELECT auth_index, account, auth_file, project_id, provider, payload_provider FROM events ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        ("a1", "alice@example.com", "alice.json", "proj-9", "openai", "codex"),
+        ("a1", "kept", "alice.json", "own", "openai", "codex"),
+        ("b2", "Bob", "bob.json", None, "codex", "codex"),
+        ("zz", None, None, None, "codex", "codex"),
+    ]
+
+
+def test_unknown_row_keys_are_dropped_not_interpolated(conn, caplog):
+    bad = event(1, row={"nope; DROP TABLE events": 1})
+    result = store.insert_batch(conn, [bad], origin="test")
+    assert result.inserted == 1
+    assert count(conn, "events") == 1
+    assert "dropping unknown events columns: nope; DROP TABLE events" in caplog.text
+
+
+def test_a_failing_batch_rolls_back_ledger_and_rows(conn):
+    broken = Normalized(row={"event_hash": "x" * 64, "ts_ms": 5}, private={}, ledger_hash=b"\x01" * 16)
+    with pytest.raises(apsw.ConstraintError):  # ts and created_ms are NOT NULL
+        store.insert_batch(conn, [event(1), broken], origin="test")
+    assert count(conn, "events") == 0
+    assert count(conn, "event_ledger") == 0
+    assert store.insert_batch(conn, [event(1)], origin="test").inserted == 1
+
+
+def test_ten_thousand_events_in_batches_of_500_are_20_commits(conn):
+    commits: list[int] = []
+
+    def hook() -> bool:
+        commits.append(1)
+        return False
+
+    conn.set_commit_hook(hook)
+    total = 0
+    for start in range(0, 10_000, 500):
+        total += store.insert_batch(conn, [event(n) for n in range(start, start + 500)], origin="test").inserted
+    conn.set_commit_hook(None)
+    assert total == 10_000
+    assert len(commits) == 20
+    assert count(conn, "events") == 10_000
+
+
+def test_prune_deletes_old_events_and_private_rows_but_keeps_the_ledger(conn):
+    old = [event(n, ts_ms=1000 + n, private={"fail_body": f"b{n}"}) for n in range(7)]
+    new = [event(n, ts_ms=5000 + n, private={"fail_body": f"b{n}"}) for n in range(7, 10)]
+    store.insert_batch(conn, old + new, origin="test")
+    store.insert_batch(conn, [Rejected("r", b"x")], origin="test", now_ms=10)
+    store.insert_batch(conn, [Rejected("r", b"y")], origin="test", now_ms=9000)
+    assert store.prune(conn, 5000, batch=3) == 7
+    assert conn.execute("SELECT min(ts_ms), count(*) FROM events").fetchone() == (5000 + 7, 3)
+    assert count(conn, "event_private") == 3
+    assert count(conn, "event_ledger") == 10
+    assert conn.execute("SELECT payload FROM dead_letters").fetchall() == [(b"y",)]
+    again = store.insert_batch(conn, old, origin="test")
+    assert (again.inserted, again.duplicates) == (0, 7)
+
+
+def test_prune_rejects_a_non_positive_batch(conn):
+    with pytest.raises(ValueError, match="batch must be positive"):
+        store.prune(conn, 1, batch=0)
+
+
+def test_backup_is_a_complete_readable_copy(conn, tmp_path):
+    store.insert_batch(conn, [event(n) for n in range(25)], origin="test")
+    dest = str(tmp_path / "copy.db")
+    store.backup(conn, dest)
+    copy = open_database(dest)
+    assert count(copy, "events") == 25
+    assert count(copy, "event_ledger") == 25
+    assert copy.execute("PRAGMA integrity_check").get == "ok"
+
+
+def test_backup_refuses_to_overwrite_the_database_itself(conn, db_path):
+    with pytest.raises(ValueError, match="destination is the database itself"):
+        store.backup(conn, db_path)
+
+
+def test_export_rows_filter_and_order(conn):
+    store.insert_batch(conn, [
+        event(1, ts_ms=300, row={"instance": "a", "api_key_hash": "h1", "account_key": "k1"}),
+        event(2, ts_ms=100, row={"instance": "a", "model": "m(high)", "analytics_model": "m"}),
+        event(3, ts_ms=200, row={"instance": "b", "api_key_masked": "sk******01"}),
+        event(4, ts_ms=400, row={"instance": "a"}),
+    ], origin="test")
+    def hashes(**filters):
+        rows = store.iter_export_rows(conn, 100, 400, filters)
+        return [r["input_tokens"] for r in rows]
+    assert hashes() == [20, 30, 10]
+    assert hashes(instance="a") == [20, 10]
+    assert hashes(model="m") == [20]
+    assert hashes(model="m(high)") == [20]
+    assert hashes(api_key="h1") == [10]
+    assert hashes(api_key="sk******01") == [30]
+    assert hashes(account="k1") == [10]
+    assert hashes(provider="codex", instance=None) == [20, 30, 10]
+    with pytest.raises(ValueError, match="unknown export filters: colour"):
+        list(store.iter_export_rows(conn, 0, 1, {"colour": "x"}))
+
+
+def test_table_columns_only_for_store_tables(conn):
+    assert "event_hash" in store.table_columns(conn, "events")
+    with pytest.raises(ValueError):
+        store.table_columns(conn, "accounts")
