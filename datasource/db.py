@@ -241,7 +241,69 @@ CREATE TABLE meta (
 );
 """
 
-MIGRATIONS: list[str] = [_V1]
+# Step 2: rollups, maintained by datasource/rollup.py (tests/test_rollup.py checks these tables
+# match rollup.SPECS). Measures are written in full by every upsert, hence no defaults.
+_V2 = """
+CREATE TABLE rollup_traffic_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    request_type TEXT NOT NULL, status_class TEXT NOT NULL, status_code INTEGER NOT NULL,
+    failed INTEGER NOT NULL, failure_type TEXT NOT NULL, cache_state TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, est_cost_usd REAL NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, request_type, status_class, status_code, failed, failure_type, cache_state)
+) WITHOUT ROWID;
+CREATE TABLE rollup_traffic_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    request_type TEXT NOT NULL, status_class TEXT NOT NULL, status_code INTEGER NOT NULL,
+    failed INTEGER NOT NULL, failure_type TEXT NOT NULL, cache_state TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, est_cost_usd REAL NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, request_type, status_class, status_code, failed, failure_type, cache_state)
+) WITHOUT ROWID;
+CREATE TABLE rollup_identity_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, api_key_hash TEXT NOT NULL,
+    analytics_model TEXT NOT NULL, provider TEXT NOT NULL, status_class TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, est_cost_usd REAL NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
+    PRIMARY KEY (bucket_ms, instance, account_key, api_key_hash, analytics_model, provider, status_class, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_identity_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, api_key_hash TEXT NOT NULL,
+    analytics_model TEXT NOT NULL, provider TEXT NOT NULL, status_class TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, est_cost_usd REAL NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, account_key, api_key_hash, analytics_model, provider, status_class, failed)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

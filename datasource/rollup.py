@@ -1,0 +1,255 @@
+"""Rollups: hourly and daily aggregates of events, kept exact by the store's dedup.
+
+Each rollup table is described by a `RollupSpec` (grain and dimension columns);
+every table carries the same measures: counts, token sums, cost, latency and
+TTFT sums/samples (values > 0 only, like the raw averages) and, where the spec
+asks for them, serialized latency/TTFT sketches (datasource.sketch, 1 %).
+
+`apply(conn, rows)` is called by store.insert_batch inside its transaction with
+the rows it has just inserted (never duplicates), so a rollup always equals the
+aggregate of the raw events it has seen. `rebuild(conn, from_ms, to_ms)`
+recomputes whole buckets from raw events, leaving alone any bucket that raw
+retention has already (partly) pruned: rollups outlive raw rows.
+
+Dimension values are stored NOT NULL (a missing text becomes '', a missing
+status code 0) so that upserts find their row; readers map '' back to NULL.
+The table DDL lives in db.py (schema step 2); a test checks it matches SPECS.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import apsw
+
+from datasource import sketch
+from datasource.sketch import Sketch
+
+logger = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+MERGE_FUNCTION = "cpm_sketch_merge"
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSpec:
+    table: str
+    grain_ms: int
+    dims: tuple[str, ...]
+    sketches: bool
+
+
+_TRAFFIC = ("instance", "provider", "analytics_model", "request_type", "status_class",
+            "status_code", "failed", "failure_type", "cache_state")
+_IDENTITY = ("instance", "account_key", "api_key_hash", "analytics_model", "provider",
+             "status_class", "failed")
+
+SPECS: tuple[RollupSpec, ...] = (
+    RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, True),
+    RollupSpec("rollup_traffic_day", DAY_MS, _TRAFFIC, True),
+    RollupSpec("rollup_identity_hour", HOUR_MS, _IDENTITY, False),
+    RollupSpec("rollup_identity_day", DAY_MS, _IDENTITY, True),
+)
+SPEC_BY_TABLE = {spec.table: spec for spec in SPECS}
+MAX_GRAIN_MS = max(spec.grain_ms for spec in SPECS)
+
+# Event columns summed into the rollup columns of the same name.
+TOKEN_COLUMNS: tuple[str, ...] = (
+    "input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens", "cache_read_tokens",
+    "cache_creation_tokens", "norm_input_tokens", "norm_uncached_tokens", "norm_cache_read_tokens",
+    "compat_cached_tokens", "total_tokens",
+)
+# Additive measures, in the order of an accumulator's list.
+MEASURES: tuple[str, ...] = (
+    ("requests", "successes", "failures", "unusual") + TOKEN_COLUMNS
+    + ("est_cost_usd", "latency_sum_ms", "latency_samples", "ttft_sum_ms", "ttft_samples")
+)
+_N = len(MEASURES)
+
+# What the events table stores when a row leaves a column out (its DEFAULT), and
+# what a NULL dimension becomes in a rollup key.
+_DIM_DEFAULTS: dict[str, Any] = {
+    "instance": "default", "provider": "unknown", "account_key": "-", "analytics_model": "-",
+    "status_class": "success", "failure_type": "none", "cache_state": "miss", "failed": 0,
+    "status_code": 0, "request_type": "", "api_key_hash": "",
+}
+SOURCE_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(
+    ("ts_ms", "failed", "status_class", "est_cost_usd", "latency_ms", "ttft_ms")
+    + TOKEN_COLUMNS + tuple(d for spec in SPECS for d in spec.dims)
+))
+
+
+# --- SQL (constant text per spec, built once from the fixed SPECS) --------------
+
+
+def _upsert_sql(spec: RollupSpec) -> str:
+    key = ("bucket_ms",) + spec.dims
+    cols = key + MEASURES + ("first_ms", "last_ms", "last_failure_ms")
+    sets = [f"{m} = {m} + excluded.{m}" for m in MEASURES]
+    sets += ["first_ms = min(first_ms, excluded.first_ms)", "last_ms = max(last_ms, excluded.last_ms)",
+             "last_failure_ms = coalesce(max(last_failure_ms, excluded.last_failure_ms), "
+             "last_failure_ms, excluded.last_failure_ms)"]
+    if spec.sketches:
+        cols += ("latency_sketch", "ttft_sketch")
+        sets += [f"{c} = {MERGE_FUNCTION}({c}, excluded.{c})" for c in ("latency_sketch", "ttft_sketch")]
+    return (f"INSERT INTO {spec.table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT({', '.join(key)}) DO UPDATE SET {', '.join(sets)}")
+
+
+_UPSERT = {spec.table: _upsert_sql(spec) for spec in SPECS}
+_DELETE_RANGE = {spec.table: f"DELETE FROM {spec.table} WHERE bucket_ms >= ? AND bucket_ms < ?"
+                 for spec in SPECS}
+SELECT_EVENTS = (f"SELECT {', '.join(SOURCE_COLUMNS)} FROM events "
+                 "WHERE ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms, id")
+SELECT_EVENT_SPAN = "SELECT min(ts_ms), max(ts_ms) FROM events"
+SELECT_PRUNED_BEFORE = "SELECT max(ts_ms) FROM event_ledger WHERE ts_ms < ?"
+
+
+# --- aggregation -------------------------------------------------------------------
+
+
+class _Acc:
+    """The running aggregate of one rollup key."""
+
+    __slots__ = ("sums", "first", "last", "last_failure", "latency", "ttft")
+
+    def __init__(self, sketches: bool) -> None:
+        self.sums = [0] * _N
+        self.first: int | None = None
+        self.last: int | None = None
+        self.last_failure: int | None = None
+        self.latency = Sketch() if sketches else None
+        self.ttft = Sketch() if sketches else None
+
+
+def _measures(row: Mapping[str, Any]) -> list[Any]:
+    failed = 1 if row.get("failed") else 0
+    latency = row.get("latency_ms") or 0
+    ttft = row.get("ttft_ms") or 0
+    lat_ok = latency > 0
+    ttft_ok = ttft > 0
+    return ([1, 1 - failed, failed, 1 if row.get("status_class") == "unusual" else 0]
+            + [row.get(c) or 0 for c in TOKEN_COLUMNS]
+            + [row.get("est_cost_usd") or 0.0, latency if lat_ok else 0, 1 if lat_ok else 0,
+               ttft if ttft_ok else 0, 1 if ttft_ok else 0])
+
+
+def _dim(row: Mapping[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        return _DIM_DEFAULTS[name]
+    if name == "failed":
+        return 1 if value else 0
+    return value
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[tuple[Any, ...], _Acc]]:
+    """Per rollup table: key (bucket_ms, dims...) -> accumulated measures."""
+    out: dict[str, dict[tuple[Any, ...], _Acc]] = {spec.table: {} for spec in SPECS}
+    for row in rows:
+        ts = row["ts_ms"]
+        values = _measures(row)
+        failed = values[2]
+        latency, ttft = row.get("latency_ms"), row.get("ttft_ms")
+        dims = {name: _dim(row, name) for name in _DIM_DEFAULTS}
+        for spec in SPECS:
+            key = (ts - ts % spec.grain_ms,) + tuple(dims[d] for d in spec.dims)
+            table = out[spec.table]
+            acc = table.get(key)
+            if acc is None:
+                acc = table[key] = _Acc(spec.sketches)
+            sums = acc.sums
+            for i in range(_N):
+                sums[i] += values[i]
+            if acc.first is None or ts < acc.first:
+                acc.first = ts
+            if acc.last is None or ts > acc.last:
+                acc.last = ts
+            if failed and (acc.last_failure is None or ts > acc.last_failure):
+                acc.last_failure = ts
+            if acc.latency is not None:
+                acc.latency.add(latency)
+                acc.ttft.add(ttft)  # type: ignore[union-attr]
+    return out
+
+
+def _params(key: tuple[Any, ...], acc: _Acc) -> tuple[Any, ...]:
+    base = key + tuple(acc.sums) + (acc.first, acc.last, acc.last_failure)
+    if acc.latency is None:
+        return base
+    lat = acc.latency.to_bytes() if acc.latency.count else None
+    ttft = acc.ttft.to_bytes() if acc.ttft is not None and acc.ttft.count else None
+    return base + (lat, ttft)
+
+
+# --- maintenance -------------------------------------------------------------------
+
+_registered: "weakref.WeakKeyDictionary[apsw.Connection, bool]" = weakref.WeakKeyDictionary()
+
+
+def register_functions(conn: apsw.Connection) -> None:
+    """Make the sketch merge function available to SQL on this connection (once)."""
+    if conn not in _registered:
+        conn.create_scalar_function(MERGE_FUNCTION, sketch.merge_bytes, 2, deterministic=True)
+        _registered[conn] = True
+
+
+def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Add newly inserted event rows to every rollup; call inside the insert transaction.
+
+    Returns the number of rollup rows written (inserted or updated).
+    """
+    if not rows:
+        return 0
+    register_functions(conn)
+    written = 0
+    for table, accs in aggregate(rows).items():
+        conn.executemany(_UPSERT[table], [_params(k, a) for k, a in accs.items()])
+        written += len(accs)
+    return written
+
+
+def _align_down(ms: int, grain: int) -> int:
+    return ms - ms % grain
+
+
+def _align_up(ms: int, grain: int) -> int:
+    return -(-ms // grain) * grain
+
+
+def rebuild(conn: apsw.Connection, from_ms: int | None = None, to_ms: int | None = None,
+            *, chunk_ms: int = DAY_MS) -> int:
+    """Recompute rollups from raw events over whole buckets covering [from_ms, to_ms).
+
+    Buckets that raw retention has pruned (wholly or in part) are kept as they
+    are, since raw rows can no longer reproduce them: the range starts after the
+    last pruned event (known from the dedup ledger, which outlives events).
+    Returns the number of events re-aggregated.
+    """
+    register_functions(conn)
+    conn.transaction_mode = "IMMEDIATE"
+    with conn:
+        lo_raw, hi_raw = conn.execute(SELECT_EVENT_SPAN).fetchone()
+        if lo_raw is None:
+            return 0
+        pruned = conn.execute(SELECT_PRUNED_BEFORE, (lo_raw,)).fetchone()[0]
+    lo = _align_down(lo_raw if from_ms is None else from_ms, MAX_GRAIN_MS)
+    hi = _align_up(hi_raw + 1 if to_ms is None else to_ms, MAX_GRAIN_MS)
+    if pruned is not None:
+        lo = max(lo, _align_up(pruned + 1, MAX_GRAIN_MS))
+    total = 0
+    for start in range(lo, hi, chunk_ms):
+        end = min(start + chunk_ms, hi)
+        with conn:
+            for spec in SPECS:
+                conn.execute(_DELETE_RANGE[spec.table], (start, end))
+            cursor = conn.execute(SELECT_EVENTS, (start, end))
+            rows = [dict(zip(SOURCE_COLUMNS, values)) for values in cursor]
+            apply(conn, rows)
+        total += len(rows)
+    logger.info("rebuilt rollups over [%d, %d): %d events", lo, hi, total)
+    return total
