@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import apsw
 
+from datasource import rollup
 from datasource.model import InsertResult, Normalized, Rejected
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def insert_batch(
             result.inserted_ids.append(next_id)
             next_id += 1
         _insert_rows(conn, "events", events)
+        rollup.apply(conn, events)  # rollups see only new rows, so dedup keeps them exact
         _insert_rows(conn, "event_private", privates)
         if dead:
             conn.executemany(INSERT_DEAD_LETTER, dead)
