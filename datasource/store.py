@@ -20,6 +20,10 @@ from datasource.model import InsertResult, Normalized, Rejected
 
 logger = logging.getLogger(__name__)
 
+# Re-exported so callers above the store layer can type and catch without importing apsw.
+Connection = apsw.Connection
+StoreError = apsw.Error
+
 INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms) VALUES (?, ?)"
 SELECT_MAX_EVENT_ID = "SELECT coalesce(max(id), 0) FROM events"
 SELECT_ACCOUNT = (
