@@ -24,6 +24,16 @@ logger = logging.getLogger(__name__)
 RESP_FIRST_BYTES = b"*$+-:"
 SNIFF_TIMEOUT_S = 10.0
 
+# CPA's Enqueue against a real Redis, atomically: PUBLISH when a usage subscriber exists, else RPUSH.
+_ENQUEUE_LUA = """
+if redis.call('PUBSUB', 'NUMSUB', KEYS[1])[2] > 0 then
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+  return 1
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return 0
+"""
+
 
 class FakeCPA:
     """CPA's usage queue and management API on a loopback port."""
@@ -68,6 +78,10 @@ class FakeCPA:
     def stop(self) -> None:
         self._stopping.set()
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
+            except OSError:
+                pass
             self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
@@ -98,11 +112,8 @@ class FakeCPA:
             return "disabled"
         if self.redis_backend is None:
             return self.queue.enqueue(data)
-        if self._redis("PUBSUB", "NUMSUB", "usage")[1] > 0:
-            self._redis("PUBLISH", "usage", data)
-            return "published"
-        self._redis("RPUSH", "usage", data)
-        return "queued"
+        published = self._redis("EVAL", _ENQUEUE_LUA, "1", "usage", data)
+        return "published" if published else "queued"
 
     def publish_error(self, payload: bytes | str) -> int:
         """A credential error event on the subscribe-only `errors` channel."""
