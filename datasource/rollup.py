@@ -1,7 +1,8 @@
 """Rollups: hourly and daily aggregates of events, kept exact by the store's dedup.
 
 Each rollup table is described by a `RollupSpec` (grain and dimension columns);
-every table carries the same measures: counts, token sums, cost, latency and
+every table carries the same measures: counts, token sums, cost (integer
+nano-USD, `cost_nusd`, so sums are exact), latency and
 TTFT sums/samples (values > 0 only, like the raw averages) and, where the spec
 asks for them, serialized latency/TTFT sketches (datasource.sketch, 1 %).
 
@@ -66,7 +67,7 @@ TOKEN_COLUMNS: tuple[str, ...] = (
 # Additive measures, in the order of an accumulator's list.
 MEASURES: tuple[str, ...] = (
     ("requests", "successes", "failures", "unusual") + TOKEN_COLUMNS
-    + ("est_cost_usd", "latency_sum_ms", "latency_samples", "ttft_sum_ms", "ttft_samples")
+    + ("cost_nusd", "latency_sum_ms", "latency_samples", "ttft_sum_ms", "ttft_samples")
 )
 _N = len(MEASURES)
 
@@ -134,8 +135,20 @@ def _measures(row: Mapping[str, Any]) -> list[Any]:
     ttft_ok = ttft > 0
     return ([1, 1 - failed, failed, 1 if row.get("status_class") == "unusual" else 0]
             + [row.get(c) or 0 for c in TOKEN_COLUMNS]
-            + [row.get("est_cost_usd") or 0.0, latency if lat_ok else 0, 1 if lat_ok else 0,
+            + [_nano(row.get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
                ttft if ttft_ok else 0, 1 if ttft_ok else 0])
+
+
+def _nano(usd: float | None) -> int:
+    """USD to integer nano-USD, rounded half away from zero like SQLite's round().
+
+    Integer sums are exact and order-free, so a rebuild reproduces the
+    incremental rollup bit for bit (float sums differ in the last place).
+    """
+    if not usd:
+        return 0
+    scaled = usd * 1e9
+    return int(scaled + (0.5 if scaled >= 0 else -0.5))
 
 
 def _dim(row: Mapping[str, Any], name: str) -> Any:
@@ -230,6 +243,8 @@ def rebuild(conn: apsw.Connection, from_ms: int | None = None, to_ms: int | None
     last pruned event (known from the dedup ledger, which outlives events).
     Returns the number of events re-aggregated.
     """
+    if chunk_ms <= 0 or chunk_ms % MAX_GRAIN_MS:
+        raise ValueError(f"chunk_ms must be a positive multiple of {MAX_GRAIN_MS}")
     register_functions(conn)
     conn.transaction_mode = "IMMEDIATE"
     with conn:

@@ -1,0 +1,228 @@
+"""Rollups against real SQLite: equal to raw aggregates, exact under dedup, rebuildable, kept by prune."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import apsw
+import pytest
+
+from datasource import rollup, store
+from datasource.model import Normalized
+from datasource.sketch import Sketch, SketchError
+
+T0 = 1_778_000_400_000  # 2026-05-05T17:00:00Z, an hour boundary
+HOUR = rollup.HOUR_MS
+DAY = rollup.DAY_MS
+
+
+def make_event(n: int, ts_ms: int, **row) -> Normalized:
+    digest = hashlib.sha256(f"rollup-event-{n}-{ts_ms}".encode()).hexdigest()
+    base = {"event_hash": digest, "ts_ms": ts_ms, "ts": "x", "created_ms": ts_ms, "model": "m",
+            "analytics_model": "m"}
+    base.update(row)
+    return Normalized(row=base, private={}, ledger_hash=bytes.fromhex(digest)[:16])
+
+
+def random_events(count: int, seed: int = 1, start: int = T0, span: int = 3 * DAY) -> list[Normalized]:
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        failed = rng.random() < 0.2
+        code = rng.choice([429, 401, 500, 503, 418]) if failed else rng.choice([200] * 9 + [299])
+        unusual = code in (418, 299)
+        row = {
+            "instance": rng.choice(["default", "eu"]),
+            "provider": rng.choice(["codex", "claude", "gemini"]),
+            "analytics_model": rng.choice(["gpt-5.4", "claude-4", "gemini-3"]),
+            "account_key": rng.choice(["acct-a", "acct-b", "acct-c", "-"]),
+            "api_key_hash": rng.choice(["h1", "h2", None]),
+            "request_type": rng.choice(["CodexExecutor", "ClaudeExecutor", None]),
+            "status_code": code, "failed": int(failed),
+            "status_class": "unusual" if unusual else ("success" if not failed else f"{code // 100}xx"),
+            "failure_type": "none" if not failed else rng.choice(["quota", "auth", "upstream"]),
+            "cache_state": rng.choice(["hit", "miss"]),
+            "input_tokens": rng.randint(0, 20_000), "output_tokens": rng.randint(0, 3000),
+            "reasoning_tokens": rng.randint(0, 500), "cached_tokens": rng.randint(0, 9000),
+            "cache_read_tokens": rng.randint(0, 9000), "cache_creation_tokens": rng.randint(0, 100),
+            "norm_input_tokens": rng.randint(0, 20_000), "norm_uncached_tokens": rng.randint(0, 5000),
+            "norm_cache_read_tokens": rng.randint(0, 9000), "compat_cached_tokens": rng.randint(0, 50),
+            "total_tokens": rng.randint(0, 25_000), "est_cost_usd": rng.random() / 7,
+            "latency_ms": rng.choice([None, 0, -1] + [round(rng.lognormvariate(7, 1)) for _ in range(6)]),
+            "ttft_ms": rng.choice([None, 0] + [round(rng.lognormvariate(6, 0.7)) for _ in range(3)]),
+        }
+        out.append(make_event(n, start + rng.randrange(span), **row))
+    return out
+
+
+def insert(conn, events, batch: int = 97) -> None:
+    for i in range(0, len(events), batch):
+        store.insert_batch(conn, events[i:i + batch], origin="test")
+
+
+def snapshot(conn) -> dict[str, list[tuple]]:
+    return {spec.table: conn.execute(f"SELECT * FROM {spec.table} ORDER BY 1, 2, 3, 4, 5, 6, 7").fetchall()
+            for spec in rollup.SPECS}
+
+
+_DIM_SQL = {"request_type": "coalesce(request_type, '')", "api_key_hash": "coalesce(api_key_hash, '')",
+            "status_code": "coalesce(status_code, 0)"}
+
+
+def raw_aggregate(conn, spec: rollup.RollupSpec) -> dict[tuple, dict]:
+    """The same aggregate straight from events, written independently in SQL."""
+    dims = [_DIM_SQL.get(d, d) for d in spec.dims]
+    sql = (
+        f"SELECT ts_ms - ts_ms % {spec.grain_ms} AS b, {', '.join(dims)}, count(*), sum(failed = 0), "
+        "sum(failed = 1), sum(status_class = 'unusual'), "
+        + ", ".join(f"sum({c})" for c in rollup.TOKEN_COLUMNS)
+        + ", sum(CAST(round(est_cost_usd * 1e9) AS INTEGER)), coalesce(sum(latency_ms) FILTER (WHERE latency_ms > 0), 0), "
+        "count(*) FILTER (WHERE latency_ms > 0), coalesce(sum(ttft_ms) FILTER (WHERE ttft_ms > 0), 0), "
+        "count(*) FILTER (WHERE ttft_ms > 0), min(ts_ms), max(ts_ms), max(ts_ms) FILTER (WHERE failed = 1), "
+        "json_group_array(latency_ms), json_group_array(ttft_ms) "
+        f"FROM events GROUP BY b, {', '.join(dims)}"
+    )
+    out = {}
+    width = 1 + len(spec.dims)
+    for row in conn.execute(sql):
+        out[tuple(row[:width])] = {"measures": row[width:-2], "latency": row[-2], "ttft": row[-1]}
+    return out
+
+
+def assert_matches_raw(conn) -> None:
+    import json
+
+    for spec in rollup.SPECS:
+        raw = raw_aggregate(conn, spec)
+        width = 1 + len(spec.dims)
+        names = rollup.MEASURES + ("first_ms", "last_ms", "last_failure_ms")
+        cols = ", ".join(("bucket_ms",) + spec.dims + names + (("latency_sketch", "ttft_sketch") if spec.sketches else ()))
+        rows = conn.execute(f"SELECT {cols} FROM {spec.table}").fetchall()
+        assert len(rows) == len(raw), spec.table
+        for row in rows:
+            expected = raw[tuple(row[:width])]
+            got = row[width:width + len(names)]
+            for name, g, e in zip(names, got, expected["measures"]):
+                assert g == e, (spec.table, name, g, e)
+            if spec.sketches:
+                for blob, values in zip(row[-2:], (expected["latency"], expected["ttft"])):
+                    want = Sketch()
+                    want.extend(json.loads(values))
+                    assert Sketch.from_bytes(blob) == want
+                    assert (blob is None) == (want.count == 0)
+
+
+def test_tables_match_specs(conn):
+    for spec in rollup.SPECS:
+        cols = [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (spec.table,))]
+        extra = ("latency_sketch", "ttft_sketch") if spec.sketches else ()
+        assert cols == ["bucket_ms", *spec.dims, *rollup.MEASURES, "first_ms", "last_ms", "last_failure_ms", *extra]
+        pk = [r[1] for r in sorted(conn.execute("SELECT * FROM pragma_table_info(?)", (spec.table,)),
+                                   key=lambda r: r[5]) if r[5]]
+        assert pk == ["bucket_ms", *spec.dims]
+
+
+def test_hand_computed_hour(conn):
+    common = {"provider": "codex", "analytics_model": "gpt-5.4", "account_key": "acct-a", "status_code": 200,
+              "input_tokens": 100, "output_tokens": 10, "total_tokens": 110, "est_cost_usd": 0.25}
+    events = [
+        make_event(1, T0 + 1000, latency_ms=1000, ttft_ms=200, **common),
+        make_event(2, T0 + 2000, latency_ms=3000, ttft_ms=0, **common),
+        make_event(3, T0 + 3000, latency_ms=0, ttft_ms=None, **common),
+        make_event(4, T0 + 4000, latency_ms=500, ttft_ms=100, failed=1, status_class="4xx",
+                   **{**common, "status_code": 429}),
+        make_event(5, T0 + HOUR + 5, latency_ms=700, **common),  # the next hour
+    ]
+    result = store.insert_batch(conn, events, origin="test")
+    assert result.inserted == 5
+    row = conn.execute(
+        "SELECT sum(requests), sum(successes), sum(failures), sum(input_tokens), sum(total_tokens), "
+        "sum(cost_nusd), sum(latency_sum_ms), sum(latency_samples), sum(ttft_sum_ms), sum(ttft_samples), "
+        "min(first_ms), max(last_ms), max(last_failure_ms) FROM rollup_traffic_hour WHERE bucket_ms = ?",
+        (T0,)).fetchone()
+    assert row == (4, 3, 1, 400, 440, 1_000_000_000, 4500, 3, 300, 2, T0 + 1000, T0 + 4000, T0 + 4000)
+    success = conn.execute(
+        "SELECT requests, latency_sketch, last_failure_ms FROM rollup_traffic_hour "
+        "WHERE bucket_ms = ? AND failed = 0", (T0,)).fetchone()
+    assert success[0] == 3 and success[2] is None
+    sk = Sketch.from_bytes(success[1])
+    assert sk.count == 2  # 1000 and 3000; the 0 is not a sample
+    assert abs(sk.quantile(0.5) - 1000) / 1000 <= 0.01 and abs(sk.quantile(0.95) - 3000) / 3000 <= 0.01
+    day = conn.execute("SELECT sum(requests), sum(latency_samples) FROM rollup_traffic_day").fetchone()
+    assert day == (5, 4)
+    ident = conn.execute(
+        "SELECT instance, account_key, api_key_hash, provider, requests FROM rollup_identity_hour "
+        "WHERE bucket_ms = ? AND failed = 0", (T0,)).fetchone()
+    assert ident == ("default", "acct-a", "", "codex", 3)
+
+
+def test_rollups_equal_raw_aggregates(conn):
+    insert(conn, random_events(3000))
+    assert_matches_raw(conn)
+
+
+def test_duplicates_do_not_change_rollups(conn):
+    events = random_events(800, seed=2)
+    insert(conn, events)
+    before = snapshot(conn)
+    insert(conn, events, batch=53)  # every one a duplicate
+    mixed = random_events(800, seed=2)[::3] + random_events(200, seed=3)
+    insert(conn, mixed)  # a third duplicates, 200 new
+    assert conn.execute("SELECT count(*) FROM events").get == 1000
+    assert snapshot(conn) != before
+    assert_matches_raw(conn)
+
+
+def test_rebuild_equals_incremental(conn):
+    insert(conn, random_events(2500, seed=4))
+    incremental = snapshot(conn)
+    assert rollup.rebuild(conn) == 2500
+    assert snapshot(conn) == incremental
+    # damage two days' rows, then rebuild only a window that covers them
+    conn.execute("DELETE FROM rollup_traffic_hour WHERE bucket_ms >= ?", (T0 + DAY,))
+    conn.execute("UPDATE rollup_identity_day SET requests = 0")
+    rollup.rebuild(conn, T0 - DAY, T0 + 4 * DAY)
+    assert snapshot(conn) == incremental
+
+
+def test_prune_keeps_rollups_and_rebuild_leaves_pruned_buckets(conn):
+    events = random_events(2000, seed=5)
+    insert(conn, events)
+    kept = snapshot(conn)
+    cutoff = T0 + DAY + 5 * HOUR  # mid-day: that day is only partly in raw rows now
+    deleted = store.prune(conn, cutoff)
+    assert deleted == sum(1 for e in events if e.row["ts_ms"] < cutoff) > 0
+    assert snapshot(conn) == kept
+    rebuilt = rollup.rebuild(conn)
+    first_whole_day = ((cutoff - 1) // DAY + 1) * DAY
+    assert rebuilt == sum(1 for e in events if e.row["ts_ms"] >= first_whole_day)
+    assert snapshot(conn) == kept
+
+
+def test_apply_nothing_and_rebuild_empty(conn):
+    assert rollup.apply(conn, []) == 0
+    assert rollup.rebuild(conn) == 0
+    with pytest.raises(ValueError):
+        rollup.rebuild(conn, chunk_ms=HOUR)
+
+
+def test_corrupt_sketch_rolls_back_the_whole_batch(conn):
+    common = {"provider": "codex", "analytics_model": "gpt-5.4", "status_code": 200}
+    store.insert_batch(conn, [make_event(1, T0 + 10, latency_ms=100, **common)], origin="test")
+    conn.execute("UPDATE rollup_traffic_hour SET latency_sketch = x'ff00'")
+    with pytest.raises(SketchError):
+        store.insert_batch(conn, [make_event(2, T0 + 20, latency_ms=200, **common)], origin="test")
+    assert conn.execute("SELECT count(*), count(*) FILTER (WHERE 1) FROM events").fetchone() == (1, 1)
+    assert conn.execute("SELECT sum(requests) FROM rollup_traffic_day").get == 1
+    assert conn.execute("SELECT count(*) FROM event_ledger").get == 1
+
+
+def test_merge_function_is_registered_once_per_connection(db_path, conn):
+    rollup.register_functions(conn)
+    rollup.register_functions(conn)
+    blob = conn.execute("SELECT cpm_sketch_merge(?, ?)", (Sketch({3: 1}).to_bytes(), Sketch({3: 2}).to_bytes())).get
+    assert Sketch.from_bytes(blob).bins == {3: 3}
+    other = apsw.Connection(db_path)
+    with pytest.raises(apsw.SQLError):
+        other.execute("SELECT cpm_sketch_merge(NULL, NULL)").get
