@@ -10,6 +10,7 @@ so the collector can back off for minutes or fall back to another transport.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -100,7 +101,7 @@ def make_client(base_url: str, key: str, timeout_s: float, *, single: bool) -> r
         host=ep.host, port=ep.port, password=key or None, ssl=ep.tls,
         protocol=2, health_check_interval=0, single_connection_client=single,
         socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), retry_on_timeout=False,
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
     )
 
 
@@ -229,7 +230,7 @@ class HttpManagement:
                 return HttpReply(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
             reply = HttpReply(exc.code, exc.read()[:1024])
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SourceError("connect", f"{method} {path}: {reason}") from exc
         raise self._status_error(method, path, reply)
