@@ -39,7 +39,7 @@ MULTI_VARS: list[tuple[str, str]] = [
 ]
 # Textboxes: always quoted with ${var:doublequote} so a value with '"' keeps the payload valid JSON.
 TEXT_VARS: list[tuple[str, str]] = [
-    ("min_latency_ms", "Min latency (ms)"), ("trace_id", "Trace ID"), ("search", "Search (request id, text)"),
+    ("min_latency_ms", "Min latency (ms)"), ("trace_id", "Trace / request ID"), ("search", "Search (request id, text)"),
 ]
 ADHOC_VAR = "filters"
 ALL_VALUE = '"__all__"'  # a JSON string literal: {"provider": $provider} stays valid JSON for All

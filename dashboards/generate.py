@@ -66,7 +66,7 @@ def _request_table() -> dict[str, Any]:
         wrapped("fail_summary", 420),
         unit_on("latency_ms", "ms"), unit_on("ttft_ms", "ms"), unit_on("est_cost_usd", "currencyUSD"),
         links_on("trace_id", link("Filter to this trace", drill_url("monitoring", V, trace_id=field_value("trace_id")))),
-        links_on("request_id", link("Filter to this request", drill_url("monitoring", V, search=field_value("request_id")))),
+        links_on("request_id", link("Filter to this request", drill_url("monitoring", V, trace_id=field_value("request_id")))),
         links_on("account", *_account_links("account_key")),
         links_on("api_key", *_api_key_links("api_key_hash")),
         links_on("failure_type", link("Open Account Action Queue for this account",
