@@ -1,0 +1,335 @@
+"""Pure filter handling: payload values and ad hoc filters -> Clause -> SQL with bound parameters.
+
+Nothing here touches a database. `where_sql()` builds a fragment from a fixed dict of
+column expressions and `?` parameters only; a value can never change the SQL text.
+`regexp()` is the scalar function query.py registers as SQLite's REGEXP.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from typing import Any, Iterable, Mapping
+
+from datasource.model import BadRequest, Clause
+
+FILTER_KEYS: tuple[str, ...] = (
+    "instance", "provider", "model", "project", "account", "api_key", "status", "failure_type",
+    "request_type", "endpoint", "cache", "min_latency_ms", "max_latency_ms", "trace_id", "search",
+)
+ALL_VALUES = frozenset({"", "all", "$__all", "__all__", "*", ".*", "{}"})
+OPERATORS = ("=", "!=", "=~", "!~", "<", ">")
+NUMERIC_KEYS = frozenset({"min_latency_ms", "max_latency_ms"})
+MAX_VALUES = 500
+MAX_VALUE_LEN = 512
+MAX_SEARCH_LEN = 200
+MAX_REGEX_LEN = 200
+MAX_SUBJECT_LEN = 4096
+
+# Text columns of `events` per filter key; a value matches when any of them equals it.
+EVENT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "instance": ("instance",),
+    "provider": ("provider", "payload_provider"),
+    "model": ("analytics_model", "model", "resolved_model"),
+    "project": ("project_id",),
+    "account": ("account_key", "account", "auth_index"),
+    "api_key": ("api_key_hash", "api_key_masked"),
+    "status": ("status_class", "CAST(status_code AS TEXT)"),
+    "failure_type": ("failure_type",),
+    "request_type": ("request_type",),
+    "endpoint": ("endpoint",),
+    "cache": ("cache_state",),
+    "trace_id": ("trace_id", "request_id"),
+}
+# Sanitized text columns searched by `search` (never event_private, never raw keys).
+SEARCH_COLUMNS: tuple[str, ...] = (
+    "request_id", "trace_id", "instance", "provider", "model", "resolved_model", "analytics_model",
+    "endpoint", "request_type", "account", "account_key", "auth_file", "project_id", "source",
+    "api_key_hash", "api_key_masked", "failure_type", "fail_summary", "error_kind", "error_code",
+    "reasoning_effort", "service_tier",
+)
+# Fixed SQL for the `status` and `cache` words.
+STATUS_WORDS: dict[str, str] = {
+    "success": "failed = 0",
+    "failed": "failed = 1",
+    "unusual": "status_class = 'unusual'",
+}
+CACHE_WORDS: dict[str, str] = {
+    "hit": "cache_state = 'hit'",
+    "miss": "cache_state = 'miss'",
+    "read": "cache_read_tokens > 0",
+    "creation": "cache_creation_tokens > 0",
+}
+_CODE = re.compile(r"^[1-5][0-9]{2}$")
+_CODE_CLASS = re.compile(r"^([1-5])xx$")
+_REGEX_ESCAPED = re.compile(r"\\([\\^$*+?.()|\[\]{}/])")
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
+_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?<[=!]")
+
+
+# --- values ---------------------------------------------------------------------
+
+
+def unescape(text: str) -> str:
+    """Undo Grafana's regex-format escaping (`b\\.c` -> `b.c`)."""
+    return _REGEX_ESCAPED.sub(r"\1", text)
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    parts, current, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            current.append(text[i : i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def expand_value(raw: Any, key: str) -> tuple[str, ...]:
+    """A payload value -> the alternatives it names; () means no filter."""
+    if raw is None:
+        return ()
+    if isinstance(raw, (list, tuple)):
+        out: list[str] = []
+        for item in raw:
+            expanded = expand_value(item, key)
+            if not expanded:
+                return ()  # an All member makes the whole list All
+            out.extend(expanded)
+        return _dedup(out, key)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise BadRequest(f"filter {key!r}: expected a string, a number or a list of them")
+    text = str(raw).strip()
+    if text.lower() in ALL_VALUES:
+        return ()
+    if len(text) > 2 and text[0] == "(" and text[-1] == ")" and text[-2] != "\\" and "|" in text:
+        return expand_value([unescape(p) for p in _split_unescaped(text[1:-1], "|")], key)
+    if len(text) > 2 and text[0] == "{" and text[-1] == "}":
+        return expand_value([p for p in text[1:-1].split(",")], key)
+    return _dedup([unescape(text)], key)
+
+
+def _dedup(values: Iterable[str], key: str) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for value in values:
+        value = value.strip()
+        if len(value) > MAX_VALUE_LEN:
+            raise BadRequest(f"filter {key!r}: a value is longer than {MAX_VALUE_LEN} characters")
+        seen.setdefault(value, None)
+    if len(seen) > MAX_VALUES:
+        raise BadRequest(f"filter {key!r}: more than {MAX_VALUES} values")
+    return tuple(seen)
+
+
+def _number(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRequest(f"filter {key!r}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"filter {key!r}: {value!r} is not a finite number")
+    return number
+
+
+def _check_words(key: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        low = value.lower()
+        if key == "status" and not (low in STATUS_WORDS or _CODE.match(low) or _CODE_CLASS.match(low)):
+            raise BadRequest(f"filter 'status': {value!r} is not success, failed, unusual, a code or a class like 4xx")
+        if key == "cache" and low not in CACHE_WORDS:
+            raise BadRequest(f"filter 'cache': {value!r} is not hit, miss, read or creation")
+
+
+def check_regex(pattern: str) -> str:
+    """Refuse regexes that are too long, malformed or prone to catastrophic backtracking."""
+    if len(pattern) > MAX_REGEX_LEN:
+        raise BadRequest(f"regex longer than {MAX_REGEX_LEN} characters")
+    if _NESTED_QUANTIFIER.search(pattern) or _BACKREFERENCE.search(pattern):
+        raise BadRequest("regex with nested quantifiers, backreferences or lookbehind is not allowed")
+    try:
+        _compile(pattern)
+    except re.error as exc:
+        raise BadRequest(f"invalid regex {pattern!r}: {exc}") from None
+    return pattern
+
+
+def _clause(key: str, op: str, values: tuple[str, ...]) -> Clause:
+    if key not in FILTER_KEYS:
+        raise BadRequest(f"unknown filter key {key!r}; known: {', '.join(FILTER_KEYS)}")
+    if op not in OPERATORS:
+        raise BadRequest(f"unknown filter operator {op!r}; known: {' '.join(OPERATORS)}")
+    if op in ("<", ">"):
+        if key not in NUMERIC_KEYS | {"status"}:
+            raise BadRequest(f"operator {op!r} applies to min_latency_ms, max_latency_ms and status only")
+        _number(key, values[0])
+        return Clause(key, op, values[:1])
+    if op in ("=~", "!~"):
+        if key in NUMERIC_KEYS or key == "search":
+            raise BadRequest(f"operator {op!r} does not apply to {key!r}")
+        return Clause(key, op, (check_regex(values[0]),))
+    if key in NUMERIC_KEYS:
+        if len(values) != 1:
+            raise BadRequest(f"filter {key!r} takes one number")
+        _number(key, values[0])
+    elif key == "search" and len(values[0]) > MAX_SEARCH_LEN:
+        raise BadRequest(f"search text longer than {MAX_SEARCH_LEN} characters")
+    _check_words(key, values)
+    return Clause(key, op, values)
+
+
+def clauses_from_payload(payload: Mapping[str, Any]) -> tuple[Clause, ...]:
+    """Filter keys of a target payload -> clauses ('=' with alternatives); other keys are ignored."""
+    out: list[Clause] = []
+    for key in FILTER_KEYS:
+        if key not in payload:
+            continue
+        raw = payload[key]
+        values = (str(raw).strip(),) if key == "search" and isinstance(raw, str) else expand_value(raw, key)
+        if key == "search" and values in (("",), ("*",)):
+            continue
+        if values:
+            out.append(_clause(key, "=", values[:1] if key == "search" else values))
+    return tuple(out)
+
+
+def clauses_from_adhoc(filters: Any) -> tuple[Clause, ...]:
+    """Grafana ad hoc filters `[{key, operator, value}]` -> clauses; bad keys/operators -> BadRequest."""
+    if filters in (None, ""):
+        return ()
+    if not isinstance(filters, list):
+        raise BadRequest("ad hoc filters must be a list of {key, operator, value}")
+    out: list[Clause] = []
+    for item in filters:
+        if not isinstance(item, Mapping):
+            raise BadRequest("an ad hoc filter must be an object {key, operator, value}")
+        key, op = str(item.get("key", "")).strip(), str(item.get("operator", "=")).strip()
+        multi = op in ("=|", "!=|")
+        raw = item.get("values") if multi else item.get("value")
+        if multi:
+            op = op[:-1]
+        values = tuple(str(v) for v in raw) if isinstance(raw, list) else (str("" if raw is None else raw),)
+        if not values or len(values) > MAX_VALUES or any(len(v) > MAX_VALUE_LEN for v in values):
+            raise BadRequest(f"ad hoc filter {key!r}: between 1 and {MAX_VALUES} values of at most {MAX_VALUE_LEN} characters")
+        out.append(_clause(key, op, values))
+    return tuple(out)
+
+
+# --- SQL -------------------------------------------------------------------------
+
+
+def _in_list(columns: tuple[str, ...], values: tuple[str, ...], params: list[Any]) -> str:
+    parts = []
+    for column in columns:
+        params.append(json.dumps(list(values)))
+        parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def _status_sql(values: tuple[str, ...], params: list[Any]) -> str:
+    parts = []
+    for value in values:
+        low = value.lower()
+        if low in STATUS_WORDS:
+            parts.append(STATUS_WORDS[low])
+        elif _CODE_CLASS.match(low):
+            params.append(int(low[0]) * 100)
+            parts.append("(status_code >= ? AND status_code < ? + 100)")
+            params.append(int(low[0]) * 100)
+        else:
+            params.append(int(low))
+            parts.append("status_code = ?")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def _search_sql(text: str, params: list[Any]) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    parts = []
+    for column in SEARCH_COLUMNS:
+        params.append(f"%{escaped}%")
+        parts.append(f"{column} LIKE ? ESCAPE '\\'")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any]) -> str:
+    key, op = clause.key, clause.op
+    if key in NUMERIC_KEYS:
+        default_op = ">=" if key == "min_latency_ms" else "<="
+        params.append(_number(key, clause.values[0]))
+        return f"(latency_ms {default_op if op in ('=', '!=') else op} ?)"
+    if key == "search":
+        return _search_sql(clause.values[0], params)
+    cols = columns[key]
+    if op in ("=~", "!~"):
+        parts = []
+        for column in cols:
+            params.append(clause.values[0])
+            parts.append(f"coalesce({column}, '') REGEXP ?")
+        return "(" + " OR ".join(parts) + ")"
+    if key == "status" and op in ("<", ">"):
+        params.append(_number(key, clause.values[0]))
+        return f"(status_code {op} ?)"
+    if key == "status" and columns is EVENT_COLUMNS:
+        return _status_sql(clause.values, params)
+    if key == "cache" and columns is EVENT_COLUMNS:
+        return "(" + " OR ".join(CACHE_WORDS[v.lower()] for v in clause.values) + ")"
+    return _in_list(cols, clause.values, params)
+
+
+def where_sql(
+    clauses: Iterable[Clause], columns: Mapping[str, tuple[str, ...]] = EVENT_COLUMNS
+) -> tuple[str, list[Any]]:
+    """Clauses -> (`a AND b ...`, params). Keys a table lacks (absent from `columns`) are skipped.
+
+    `columns` must be one of this module's fixed dicts; numeric keys and search apply to events only.
+    """
+    parts: list[str] = []
+    params: list[Any] = []
+    for clause in clauses:
+        events_only = clause.key in NUMERIC_KEYS or clause.key == "search"
+        if (events_only and columns is not EVENT_COLUMNS) or (not events_only and clause.key not in columns):
+            continue
+        sql = _positive_sql(clause, columns, params)
+        parts.append(f"NOT coalesce({sql}, 0)" if clause.op in ("!=", "!~") else sql)
+    return (" AND ".join(parts) or "1"), params
+
+
+# --- REGEXP ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def regexp(pattern: Any, value: Any) -> int:
+    """SQLite `value REGEXP pattern`: search semantics, bounded pattern and subject length."""
+    if pattern is None or value is None:
+        return 0
+    text = str(pattern)
+    if len(text) > MAX_REGEX_LEN:
+        raise ValueError("regex too long")
+    return 1 if _compile(text).search(str(value)[:MAX_SUBJECT_LEN]) else 0
+
+
+# Keys the auxiliary tables can answer; any other key is skipped for them (see docs/filters.md).
+CREDENTIAL_ERROR_COLUMNS: dict[str, tuple[str, ...]] = {
+    "instance": ("instance",),
+    "provider": ("provider",),
+    "model": ("model",),
+    "account": ("account_key", "auth_index"),
+}
+STATUS_CHANGE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "instance": ("instance",),
+    "account": ("auth_index", "label"),
+}
+COLLECTOR_COLUMNS: dict[str, tuple[str, ...]] = {"instance": ("instance",)}

@@ -1,0 +1,118 @@
+"""Read side entry point: every target, variable and tag lookup, each under a query limit.
+
+`execute()` answers one parsed Grafana target with data frames. Every statement runs
+under `apsw.ext.query_limit` (time and rows); a limit hit or `apsw.BusyError` becomes
+`model.Unavailable` (a 503), a bad payload value `model.BadRequest` (a 400).
+The computations live in query_*.py modules; this module owns apsw.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import apsw
+import apsw.ext
+
+from datasource import filters, query_catalog
+from datasource.model import BadRequest, Clause, Frame, TargetSpec, Unavailable
+from datasource.query_actions import account_actions
+from datasource.query_annotations import annotations, collector
+from datasource.query_breakdown import breakdown, usage
+from datasource.query_common import Ctx
+from datasource.query_requests import requests
+from datasource.query_series import timeseries
+from datasource.query_summary import summary
+from datasource.query_tables import accounts, api_keys
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+ROW_LIMIT = 5_000_000
+
+TARGETS: dict[str, Callable[[Ctx], list[Frame]]] = {
+    "summary": summary,
+    "timeseries": timeseries,
+    "accounts": accounts,
+    "api_keys": api_keys,
+    "requests": requests,
+    "breakdown": breakdown,
+    "account_actions": account_actions,
+    "usage": usage,
+    "collector": collector,
+    "annotations": annotations,
+}
+
+_registered: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
+T = TypeVar("T")
+
+
+class QueryTimeout(Exception):
+    """A query ran longer than its time limit."""
+
+
+class QueryTooLarge(Exception):
+    """A query produced more rows than ROW_LIMIT."""
+
+
+def prepare(conn: apsw.Connection) -> None:
+    """Register the bounded REGEXP function on a connection, once."""
+    if conn not in _registered:
+        conn.create_scalar_function("regexp", filters.regexp, 2, deterministic=True)
+        _registered.add(conn)
+
+
+def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> T:
+    prepare(conn)
+    try:
+        with apsw.ext.query_limit(conn, row_limit=ROW_LIMIT, timeout=timeout_s,
+                                  row_exception=QueryTooLarge, timeout_exception=QueryTimeout):
+            return work()
+    except QueryTimeout:
+        raise Unavailable(f"query took longer than {timeout_s:g} s; narrow the time range or filters") from None
+    except QueryTooLarge:
+        raise Unavailable(f"query read more than {ROW_LIMIT} rows; narrow the time range or filters") from None
+    except apsw.BusyError:
+        raise Unavailable("the database is busy; try again") from None
+    except apsw.SQLError as exc:
+        if "regex" in str(exc).lower():
+            raise BadRequest(f"regex filter failed: {exc}") from None
+        raise
+
+
+def execute(conn: apsw.Connection, spec: TargetSpec, *, aliases: Mapping[str, str] = {},
+            mask_emails: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Frame]:
+    """Frames answering one target; BadRequest for a bad target/payload, Unavailable when busy."""
+    handler = TARGETS.get(spec.target)
+    if handler is None:
+        raise BadRequest(f"unknown target {spec.target!r}; known: {', '.join(TARGETS)}")
+    if spec.to_ms <= spec.from_ms:
+        raise BadRequest("range: `to` must be after `from`")
+    ctx = Ctx(conn, spec, aliases, mask_emails)
+    return _limited(conn, timeout_s, lambda: handler(ctx))
+
+
+def metrics() -> list[dict[str, Any]]:
+    return query_catalog.metrics()
+
+
+def payload_options(metric: str, name: str, payload: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+    return query_catalog.payload_options(metric, name, payload)
+
+
+def variable_values(conn: apsw.Connection, name: str, from_ms: int, to_ms: int, clauses: Iterable[Clause], *,
+                    aliases: Mapping[str, str] | None = None, mask_emails: bool = False,
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> list[tuple[str, str]]:
+    return _limited(conn, timeout_s, lambda: query_catalog.variable_values(
+        conn, name, from_ms, to_ms, tuple(clauses), aliases=aliases, mask_emails=mask_emails))
+
+
+def tag_keys() -> list[str]:
+    return query_catalog.tag_keys()
+
+
+def tag_values(conn: apsw.Connection, key: str, from_ms: int, to_ms: int, clauses: Iterable[Clause], *,
+               mask_emails: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    return _limited(conn, timeout_s, lambda: query_catalog.tag_values(
+        conn, key, from_ms, to_ms, tuple(clauses), mask_emails=mask_emails))

@@ -1,0 +1,87 @@
+"""`requests` (Realtime Requests): newest first, keyset pagination, sanitized columns only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasource.model import BadRequest, Frame
+from datasource.query_common import UNITS, Ctx, payload_int, table_frame
+
+DEFAULT_LIMIT = 500
+MAX_LIMIT = 5000
+
+REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("time", "time"), ("id", "number"), ("request_id", "string"), ("trace_id", "string"),
+    ("instance", "string"), ("provider", "string"), ("model", "string"), ("resolved_model", "string"),
+    ("model_route", "string"), ("account", "string"), ("account_key", "string"), ("api_key", "string"),
+    ("api_key_hash", "string"), ("request_type", "string"), ("endpoint", "string"),
+    ("status_code", "number"), ("status_class", "string"), ("failure_type", "string"),
+    ("latency_ms", "number"), ("ttft_ms", "number"), ("output_tps", "number"),
+    ("input_tokens", "number"), ("output_tokens", "number"), ("cached_tokens", "number"),
+    ("reasoning_tokens", "number"), ("cache_state", "string"), ("est_cost_usd", "number"),
+    ("fail_summary", "string"),
+)
+# Never event_private, never a raw key: every column here is already sanitized by normalize.
+REQUESTS_SQL = """
+SELECT ts_ms, id, request_id, trace_id, instance, provider, model, resolved_model, account,
+       account_key, api_key_hash, api_key_masked, request_type, endpoint, status_code, status_class,
+       failure_type, latency_ms, ttft_ms, norm_input_tokens, output_tokens, norm_cache_read_tokens,
+       reasoning_tokens, cache_state, est_cost_usd, fail_summary
+FROM events
+WHERE {where}
+  AND (? IS NULL OR ts_ms < ? OR (? IS NOT NULL AND ts_ms = ? AND id < ?))
+ORDER BY ts_ms DESC, id DESC
+LIMIT ?
+"""
+
+
+def _cursor(payload: dict[str, Any]) -> tuple[int | None, int | None]:
+    values = []
+    for name in ("before_ms", "before_id"):
+        raw = payload.get(name)
+        if raw in (None, ""):
+            values.append(None)
+            continue
+        try:
+            values.append(int(str(raw)))
+        except ValueError:
+            raise BadRequest(f"payload {name!r}: {raw!r} is not an integer") from None
+    if values[0] is None and values[1] is not None:
+        raise BadRequest("payload 'before_id' needs 'before_ms'")
+    return values[0], values[1]
+
+
+def _row(ctx: Ctx, r: tuple) -> dict[str, Any]:
+    (ts, rid, request_id, trace_id, inst, provider, model, resolved, label, key, key_hash, masked,
+     rtype, endpoint, code, sclass, ftype, latency, ttft, inp, out, cached, reasoning, cache,
+     cost, summary) = r
+    route = model if not resolved or resolved == model else f"{model} -> {resolved}"
+    tps = out / (latency / 1000) if out and latency and out > 0 and latency > 0 else None
+    return {
+        "time": ts, "id": rid, "request_id": request_id, "trace_id": trace_id, "instance": inst,
+        "provider": provider, "model": model, "resolved_model": resolved, "model_route": route,
+        "account": ctx.account_label(label, key), "account_key": key,
+        "api_key": ctx.api_key_label(key_hash, masked), "api_key_hash": key_hash,
+        "request_type": rtype, "endpoint": endpoint, "status_code": code, "status_class": sclass,
+        "failure_type": ftype, "latency_ms": latency, "ttft_ms": ttft, "output_tps": tps,
+        "input_tokens": inp, "output_tokens": out, "cached_tokens": cached,
+        "reasoning_tokens": reasoning, "cache_state": cache, "est_cost_usd": cost,
+        "fail_summary": summary if sclass != "success" else None,
+    }
+
+
+def requests(ctx: Ctx) -> list[Frame]:
+    """One page; meta carries `next_before_ms`/`next_before_id` and `has_more`."""
+    payload = ctx.spec.payload
+    limit = payload_int(payload, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    before_ms, before_id = _cursor(payload)
+    where, params = ctx.where()
+    cursor = [before_ms, before_ms, before_id, before_ms, before_id]
+    found = ctx.rows(REQUESTS_SQL.format(where=where), [*params, *cursor, limit + 1])
+    has_more = len(found) > limit
+    rows = [_row(ctx, r) for r in found[:limit]]
+    last = rows[-1] if rows else None
+    meta = {"has_more": has_more, "next_before_ms": last["time"] if has_more and last else None,
+            "next_before_id": last["id"] if has_more and last else None}
+    names = [c for c, _ in REQUEST_COLUMNS]
+    return [table_frame("requests", REQUEST_COLUMNS, [[r[c] for c in names] for r in rows], UNITS, meta)]

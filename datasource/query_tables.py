@@ -1,0 +1,136 @@
+"""`accounts` (Account Overview) and `api_keys` (API Key Summary) tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasource.model import Frame
+from datasource.query_common import (
+    UNITS, Ctx, payload_choice, payload_int, percentiles_by, ratio, sort_rows, table_frame,
+)
+
+ACCOUNT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("account_key", "string"), ("account", "string"), ("instance", "string"), ("provider", "string"),
+    ("auth_file", "string"), ("project_id", "string"), ("status", "string"), ("requests", "number"),
+    ("failures", "number"), ("success_rate", "number"), ("top_failure_type", "string"),
+    ("last_failure_status", "number"), ("last_failure_summary", "string"), ("total_tokens", "number"),
+    ("est_cost_usd", "number"), ("avg_latency_ms", "number"), ("p95_latency_ms", "number"),
+    ("last_seen", "time"), ("quota_plan", "string"), ("quota_used_pct", "number"),
+    ("quota_recover_at", "time"),
+)
+API_KEY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("api_key_hash", "string"), ("api_key", "string"), ("requests", "number"), ("failures", "number"),
+    ("success_rate", "number"), ("total_tokens", "number"), ("est_cost_usd", "number"),
+    ("models", "number"), ("models_used", "string"), ("accounts_hit", "number"), ("last_seen", "time"),
+)
+ACCOUNT_SORTS = {
+    "worst": (("failures", True), ("success_rate", False), ("requests", True), ("account_key", False)),
+    "requests": (("requests", True), ("account_key", False)),
+    "cost": (("est_cost_usd", True), ("requests", True), ("account_key", False)),
+    "last_seen": (("last_seen", True), ("account_key", False)),
+}
+
+# A single max() makes SQLite take the bare columns from the newest row of each group.
+ACCOUNTS_SQL = """
+SELECT instance, account_key, max(ts_ms), account, provider, auth_file, project_id, auth_index
+FROM events WHERE {where} GROUP BY instance, account_key
+"""
+ACCOUNT_SUMS_SQL = """
+SELECT instance, account_key, count(*), coalesce(sum(failed), 0), coalesce(sum(total_tokens), 0),
+       coalesce(sum(est_cost_usd), 0), avg(nullif(latency_ms, 0))
+FROM events WHERE {where} GROUP BY instance, account_key
+"""
+LAST_FAILURE_SQL = """
+SELECT instance, account_key, max(ts_ms), status_code, fail_summary
+FROM events WHERE {where} AND failed = 1 GROUP BY instance, account_key
+"""
+FAILURE_TYPES_SQL = """
+SELECT instance, account_key, failure_type, count(*)
+FROM events WHERE {where} AND failed = 1 GROUP BY instance, account_key, failure_type
+"""
+LATENCIES_SQL = "SELECT instance, account_key, latency_ms FROM events WHERE {where} AND latency_ms > 0"
+QUOTA_SQL = """
+SELECT instance, account_key, max(ts_ms), quota_plan, quota_used_pct, quota_recover_at_ms
+FROM events WHERE {where}
+  AND (quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL)
+GROUP BY instance, account_key
+"""
+CPA_STATUS_SQL = "SELECT instance, auth_index, status, disabled, unavailable, name FROM accounts"
+API_KEYS_SQL = """
+SELECT coalesce(api_key_hash, ''), max(api_key_masked), count(*), coalesce(sum(failed), 0),
+       coalesce(sum(total_tokens), 0), coalesce(sum(est_cost_usd), 0),
+       group_concat(DISTINCT analytics_model), count(DISTINCT nullif(account_key, '-')), max(ts_ms)
+FROM events WHERE {where} GROUP BY 1
+"""
+
+
+def _cpa_status(status: str | None, disabled: int, unavailable: int) -> str:
+    if disabled:
+        return "disabled"
+    if unavailable:
+        return "unavailable"
+    return status or "unknown"
+
+
+def _top_failure_types(ctx: Ctx, where: str, params: list[Any]) -> dict[tuple, str]:
+    best: dict[tuple, tuple[int, str]] = {}
+    for inst, key, ftype, n in ctx.rows(FAILURE_TYPES_SQL.format(where=where), params):
+        current = best.get((inst, key))
+        if current is None or (-n, ftype) < (-current[0], current[1]):
+            best[(inst, key)] = (n, ftype)
+    return {k: v[1] for k, v in best.items()}
+
+
+def _account_rows(ctx: Ctx) -> list[dict[str, Any]]:
+    where, params = ctx.where()
+    sums = {(r[0], r[1]): r[2:] for r in ctx.rows(ACCOUNT_SUMS_SQL.format(where=where), params)}
+    last_fail = {(r[0], r[1]): r[3:] for r in ctx.rows(LAST_FAILURE_SQL.format(where=where), params)}
+    quota = {(r[0], r[1]): r[3:] for r in ctx.rows(QUOTA_SQL.format(where=where), params)}
+    p95 = percentiles_by((((i, k), v) for i, k, v in ctx.rows(LATENCIES_SQL.format(where=where), params)), [95])
+    top_types = _top_failure_types(ctx, where, params)
+    cpa = {(r[0], r[1]): r[2:] for r in ctx.rows(CPA_STATUS_SQL)}
+    rows = []
+    for inst, key, last_seen, label, provider, auth_file, project, auth_index in ctx.rows(
+            ACCOUNTS_SQL.format(where=where), params):
+        n, failed, tokens, cost, avg_lat = sums[(inst, key)]
+        status, disabled, unavailable, file_name = cpa.get((inst, auth_index), (None, 0, 0, None))
+        fail_status, fail_summary = last_fail.get((inst, key), (None, None))
+        plan, used, recover = quota.get((inst, key), (None, None, None))
+        rows.append({
+            "account_key": key, "account": ctx.account_label(label, key), "instance": inst,
+            "provider": provider, "auth_file": auth_file or file_name, "project_id": project,
+            "status": _cpa_status(status, disabled, unavailable) if (inst, auth_index) in cpa else "unknown",
+            "requests": n, "failures": failed, "success_rate": ratio(n - failed, n),
+            "top_failure_type": top_types.get((inst, key)), "last_failure_status": fail_status,
+            "last_failure_summary": fail_summary, "total_tokens": tokens, "est_cost_usd": cost,
+            "avg_latency_ms": avg_lat, "p95_latency_ms": p95.get((inst, key), [None])[0],
+            "last_seen": last_seen, "quota_plan": plan, "quota_used_pct": used, "quota_recover_at": recover,
+        })
+    return rows
+
+
+def accounts(ctx: Ctx) -> list[Frame]:
+    payload = ctx.spec.payload
+    order = payload_choice(payload, "sort", ACCOUNT_SORTS, "worst")
+    limit = payload_int(payload, "limit", 1000, 1, 5000)
+    rows = sort_rows(_account_rows(ctx), ACCOUNT_SORTS[order])[:limit]
+    names = [c for c, _ in ACCOUNT_COLUMNS]
+    return [table_frame("accounts", ACCOUNT_COLUMNS, [[r[c] for c in names] for r in rows], UNITS)]
+
+
+def api_keys(ctx: Ctx) -> list[Frame]:
+    limit = payload_int(ctx.spec.payload, "limit", 1000, 1, 5000)
+    where, params = ctx.where()
+    rows = []
+    for key_hash, masked, n, failed, tokens, cost, models, accounts_hit, last_seen in ctx.rows(
+            API_KEYS_SQL.format(where=where), params):
+        used = sorted(set((models or "").split(","))) if models else []
+        rows.append({
+            "api_key_hash": key_hash, "api_key": ctx.api_key_label(key_hash, masked), "requests": n,
+            "failures": failed, "success_rate": ratio(n - failed, n), "total_tokens": tokens,
+            "est_cost_usd": cost, "models": len(used), "models_used": ", ".join(used),
+            "accounts_hit": accounts_hit, "last_seen": last_seen,
+        })
+    rows = sort_rows(rows, (("requests", True), ("api_key_hash", False)))[:limit]
+    names = [c for c, _ in API_KEY_COLUMNS]
+    return [table_frame("api_keys", API_KEY_COLUMNS, [[r[c] for c in names] for r in rows], UNITS)]
