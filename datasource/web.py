@@ -55,7 +55,8 @@ def _conn() -> Any:
 
 def _run(spec: TargetSpec) -> list:
     st = state()
-    return query.execute(_conn(), spec, aliases=st.aliases, mask_emails=st.settings.mask_emails)
+    return query.execute(_conn(), spec, aliases=st.aliases, mask_emails=st.settings.mask_emails,
+                         timeout_s=st.settings.query_timeout_s)
 
 
 def _collector_rows() -> list[dict[str, Any]]:
@@ -109,8 +110,9 @@ def query_route() -> Response:
 
 @bp.post("/variable")
 def variable() -> Response:
-    req = protocol.parse_variable(_body())
-    pairs = query.variable_values(_conn(), req.name, req.from_ms, req.to_ms, req.clauses)
+    req, st = protocol.parse_variable(_body()), state()
+    pairs = query.variable_values(_conn(), req.name, req.from_ms, req.to_ms, req.clauses, aliases=st.aliases,
+                                  mask_emails=st.settings.mask_emails, timeout_s=st.settings.query_timeout_s)
     return _json(protocol.variable_response(pairs))
 
 
@@ -122,8 +124,9 @@ def tag_keys() -> Response:
 
 @bp.post("/tag-values")
 def tag_values() -> Response:
-    req = protocol.parse_tag_values(_body())
-    values = query.tag_values(_conn(), req.name, req.from_ms, req.to_ms, req.clauses)
+    req, st = protocol.parse_tag_values(_body()), state()
+    values = query.tag_values(_conn(), req.name, req.from_ms, req.to_ms, req.clauses,
+                              mask_emails=st.settings.mask_emails, timeout_s=st.settings.query_timeout_s)
     return _json(protocol.tag_values_response(values))
 
 

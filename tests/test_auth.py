@@ -9,10 +9,7 @@ import pytest
 
 from datasource.config import Settings
 
-from tests import standin_query  # noqa: E402
-
-standin_query.install()
-from datasource.app import create_app  # noqa: E402
+from datasource.app import create_app
 
 TOKEN = "tok-Secret-123"
 

@@ -9,11 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from datasource.config import Settings
-from tests import standin_query
-
-standin_query.install()
-from datasource import app as app_module  # noqa: E402
-from datasource.app import AliasError, create_app, load_aliases  # noqa: E402
+from datasource import app as app_module
+from datasource.app import AliasError, create_app, load_aliases
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POST_ROUTES = ["/metrics", "/search", "/metric-payload-options", "/query", "/variable", "/tag-keys",
