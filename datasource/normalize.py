@@ -1,0 +1,259 @@
+"""Pure normalization: one raw queue item -> Normalized event, Control payload or Rejected item.
+
+`normalize(raw)` decodes and checks the item; `normalize_obj(obj, raw)` takes an
+already decoded JSON value (the HTTP queue returns a JSON array of objects).
+Neither ever raises: anything unusable becomes `Rejected(reason, payload)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Mapping
+
+from datasource import classify, sanitize
+from datasource.headers import HeaderMeta, parse_headers, safe_headers
+from datasource.model import Control, Normalized, Rejected
+from datasource.payload import (API_KEY_KEYS, PROJECT_KEYS, PROVIDER_KEYS, REQUEST_ID_KEYS,
+                                REQUESTED_MODEL_KEYS, RESOLVED_MODEL_KEYS, SOURCE_KEYS, TIMESTAMP_KEYS,
+                                analytics_model, as_bool, as_int, endpoint_parts, event_hash, first_present,
+                                parse_timestamp, text_of)
+from datasource.pricing import Pricer
+from datasource.tokens import TokenCounts, read_tokens, service_tiers
+
+logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+MAX_DEPTH = 32
+CONTROL_KEYS = frozenset({"support_refresh", "refresh"})
+_LABEL = sanitize.LABEL_MAX_BYTES
+
+
+class _Invalid(ValueError):
+    """A decoded value that cannot become an event; the message is the Rejected reason."""
+
+
+def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | None = None,
+              now_ms: int | None = None) -> Normalized | Control | Rejected:
+    """Decode one raw queue item and normalize it. Never raises."""
+    payload = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Rejected(f"payload is larger than {MAX_PAYLOAD_BYTES} bytes", payload[:MAX_PAYLOAD_BYTES])
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected(f"payload is not valid UTF-8 (byte {exc.start})", payload)
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        return Rejected("payload JSON is nested too deeply", payload)
+    except ValueError as exc:
+        return Rejected(f"payload is not valid JSON: {str(exc)[:200]}", payload)
+    return normalize_obj(obj, payload, instance=instance, pricer=pricer, now_ms=now_ms)
+
+
+def normalize_obj(obj: object, raw: bytes, *, instance: str = "default", pricer: Pricer | None = None,
+                  now_ms: int | None = None) -> Normalized | Control | Rejected:
+    """Normalize an already decoded JSON value; `raw` is kept for dead letters. Never raises."""
+    try:
+        if not isinstance(obj, dict):
+            raise _Invalid(f"payload is a JSON {_json_type(obj)}, not an object")
+        obj = _checked(obj, 0)
+        control = _control(obj)
+        if control:
+            return control
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return _event(obj, instance, pricer, now)
+    except _Invalid as exc:
+        return Rejected(str(exc), raw)
+    except RecursionError:
+        return Rejected("payload JSON is nested too deeply", raw)
+    except Exception as exc:  # never raise on input: an unforeseen shape becomes a dead letter
+        logger.exception("normalize failed on an unexpected payload shape")
+        return Rejected(f"payload could not be normalized ({type(exc).__name__})", raw)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_type(obj: object) -> str:
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "boolean"
+    if isinstance(obj, (int, float)):
+        return "number"
+    return {str: "string", list: "array"}.get(type(obj), type(obj).__name__)
+
+
+def _checked(value: Any, depth: int) -> Any:
+    """The value with lone surrogates replaced; raises _Invalid past MAX_DEPTH levels."""
+    if depth > MAX_DEPTH:
+        raise _Invalid(f"payload JSON is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        return {_fix_str(str(k)): _checked(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_checked(v, depth + 1) for v in value]
+    return _fix_str(value) if isinstance(value, str) else value
+
+
+def _fix_str(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _control(obj: Mapping[str, Any]) -> Control | None:
+    if len(obj) != 1:
+        return None
+    (key, value), = obj.items()
+    return Control(key) if key in CONTROL_KEYS and value is True else None
+
+
+def _label(value: str | None) -> str | None:
+    return sanitize.clean_text(value, _LABEL)
+
+
+def _failed(obj: Mapping[str, Any]) -> bool:
+    for keys, invert in ((("failed", "is_failed"), False), (("success", "ok"), True)):
+        flag = as_bool(first_present(obj, keys))
+        if flag is not None:
+            return flag != invert
+    status = as_int(first_present(obj, ("status", "status_code", "http_status")))
+    if status:
+        return status >= 400
+    return any(obj.get(k) not in (None, "", False) for k in ("error", "error_message"))
+
+
+def _fail_parts(obj: Mapping[str, Any]) -> tuple[int | None, str]:
+    fail = obj.get("fail") if isinstance(obj.get("fail"), Mapping) else {}
+    status = as_int(fail.get("status_code")) or as_int(obj.get("fail_status_code"))
+    body = text_of(fail, ("body",)) if "body" in fail else text_of(obj, ("fail_body",))
+    return (status if 0 < status < 1000 else None), body
+
+
+def _headers_raw(obj: Mapping[str, Any]) -> Any:
+    return first_present(obj, ("response_headers", "responseHeaders", "headers"))
+
+
+def _summary_text(body: str, headers_raw: Any) -> str:
+    safe = safe_headers(headers_raw)
+    header_json = json.dumps(safe, separators=(",", ":"), sort_keys=True) if safe else ""
+    return "\n".join(p for p in (body, header_json) if p)
+
+
+def _identity(obj: Mapping[str, Any]) -> dict[str, Any]:
+    source = text_of(obj, SOURCE_KEYS)
+    source_hash = sanitize.sha256_hex(source) if source else ""
+    auth_index = text_of(obj, ("auth_index", "authIndex"))
+    api_key = text_of(obj, API_KEY_KEYS)
+    masked = sanitize.mask_source(source)
+    account_key = auth_index or (f"src:{source_hash[:16]}" if source_hash else "-")
+    return {
+        "auth_type": _label(text_of(obj, ("auth_type", "authType"))), "auth_index": _label(auth_index),
+        "account_key": _label(account_key) or "-", "account": masked, "auth_file": None,
+        "project_id": _label(text_of(obj, PROJECT_KEYS)), "source": masked,
+        "source_hash": source_hash or None, "api_key_hash": sanitize.api_key_hash(api_key),
+        "api_key_masked": sanitize.mask_api_key(api_key),
+        "user_agent": sanitize.clean_text(text_of(obj, ("user_agent", "userAgent")),
+                                          sanitize.USER_AGENT_MAX_BYTES),
+    }
+
+
+def _models(obj: Mapping[str, Any]) -> dict[str, Any]:
+    requested = text_of(obj, REQUESTED_MODEL_KEYS)
+    resolved = text_of(obj, RESOLVED_MODEL_KEYS)
+    display = requested or resolved or "-"
+    analytics = analytics_model(display)
+    return {"model": display, "resolved_model": resolved or None, "analytics_model": analytics,
+            "billing_model": resolved or analytics}
+
+
+def _hash_parts(obj: Mapping[str, Any], ts: str, endpoint: str, model: str, ident: Mapping[str, Any],
+                tokens: TokenCounts, failed: bool) -> list[str]:
+    parts = [text_of(obj, REQUEST_ID_KEYS), ts, endpoint, model, text_of(obj, ("auth_index", "authIndex")),
+             ident["source_hash"] or "", str(tokens.input), str(tokens.output), str(tokens.reasoning),
+             str(tokens.cached), "true" if failed else "false"]
+    latency = first_present(obj, ("latency_ms", "duration_ms", "elapsed_ms"))
+    if latency is not None:
+        parts.append(str(as_int(latency)))
+    return parts
+
+
+def _optional_ms(obj: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
+    value = first_present(obj, keys)
+    return None if value is None else as_int(value)
+
+
+def _outcome(obj: Mapping[str, Any], failed: bool, status: int | None, body: str, meta: HeaderMeta,
+             provider: str) -> dict[str, Any]:
+    errors = json.dumps(meta.meta.get("errors", {}), sort_keys=True)
+    text = f"{body}\n{errors}" if failed else ""
+    ftype = classify.failure_type(status, failed, meta.error_kind, meta.error_code, text, meta)
+    action = classify.account_action(status, failed, ftype, meta.error_code, text, provider, meta.should_retry)
+    summary = sanitize.fail_summary(_summary_text(body, _headers_raw(obj))) if failed else None
+    return {
+        "failed": int(failed), "status_code": status, "status_class": classify.status_class(status, failed),
+        "failure_type": ftype, "fail_summary": summary, "quota_plan": meta.quota_plan,
+        "quota_used_pct": meta.quota_used_pct, "quota_recover_at_ms": meta.quota_recover_at_ms,
+        "quota_window": meta.quota_window, "error_kind": meta.error_kind, "error_code": meta.error_code,
+        "trace_id": meta.trace_id, "retry_after_s": meta.retry_after_s,
+        "response_meta": meta.to_json() if failed else None,
+        "action": action[0] if action else None, "action_reason": action[1] if action else None,
+        "action_detail": action[2] if action else None,
+    }
+
+
+def _private(obj: Mapping[str, Any], failed: bool, body: str) -> dict[str, Any]:
+    raw_json = None
+    if failed:
+        raw_json = json.dumps(sanitize.redact_payload(obj), separators=(",", ":"), ensure_ascii=False)
+    return {
+        "fail_body": (body or None) if failed else None,
+        "client_ip": sanitize.clean_text(text_of(obj, ("client_ip", "clientIp")), sanitize.CLIENT_IP_MAX_BYTES),
+        "x_forwarded_for": sanitize.clean_text(text_of(obj, ("x_forwarded_for", "xForwardedFor")),
+                                               sanitize.XFF_MAX_BYTES),
+        "raw_json": raw_json,
+    }
+
+
+def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: int) -> Normalized:
+    ts_ms, ts = parse_timestamp(first_present(obj, TIMESTAMP_KEYS), now_ms)
+    endpoint, method, path = endpoint_parts(obj)
+    provider = text_of(obj, PROVIDER_KEYS).lower()
+    executor = text_of(obj, ("executor_type", "executorType", "executor"))
+    models = _models(obj)
+    tokens = read_tokens(obj, executor, provider, (models["resolved_model"] or "", models["model"]))
+    ident = _identity(obj)
+    failed = _failed(obj)
+    status, body = _fail_parts(obj)
+    meta = parse_headers(_headers_raw(obj), ts_ms)
+    markers = " ".join((executor, provider, text_of(obj, ("auth_type", "authType"))))
+    tier, request_tier, response_tier = service_tiers(obj, markers)
+    ttft = _optional_ms(obj, ("ttft_ms", "time_to_first_token_ms"))
+    digest = event_hash(_hash_parts(obj, ts, endpoint, models["model"], ident, tokens, failed))
+    row: dict[str, Any] = {
+        "event_hash": digest, "instance": instance, "ts_ms": ts_ms, "ts": ts,
+        "request_id": _label(text_of(obj, REQUEST_ID_KEYS)), "provider": _label(provider) or "unknown",
+        "payload_provider": _label(provider), "request_type": _label(executor), "endpoint": _label(endpoint),
+        "method": _label(method), "path": _label(path), **ident,
+        **{k: (_label(v) if isinstance(v, str) else v) for k, v in models.items()},
+        "reasoning_effort": _label(text_of(obj, ("reasoning_effort", "reasoningEffort"))),
+        "service_tier": _label(tier), "request_service_tier": _label(request_tier),
+        "response_service_tier": _label(response_tier), **tokens.columns(),
+        "latency_ms": _optional_ms(obj, ("latency_ms", "duration_ms", "elapsed_ms")), "ttft_ms": ttft,
+        "streaming": int(bool(ttft) or "event-stream" in (meta.content_type or "").lower()),
+        **_outcome(obj, failed, status, body, meta, provider), "created_ms": now_ms,
+    }
+    for key in ("model", "analytics_model", "billing_model"):
+        row[key] = row[key] or "-"
+    row["est_cost_usd"] = _price(pricer, row)
+    return Normalized(row=row, private=_private(obj, failed, body), ledger_hash=bytes.fromhex(digest)[:16])
+
+
+def _price(pricer: Pricer | None, row: Mapping[str, Any]) -> float:
+    return (pricer or Pricer.default()).cost(row)
