@@ -151,10 +151,13 @@ def test_hand_computed_hour(conn):
     assert abs(sk.quantile(0.5) - 1000) / 1000 <= 0.01 and abs(sk.quantile(0.95) - 3000) / 3000 <= 0.01
     day = conn.execute("SELECT sum(requests), sum(latency_samples) FROM rollup_traffic_day").fetchone()
     assert day == (5, 4)
-    ident = conn.execute(
-        "SELECT instance, account_key, api_key_hash, provider, requests FROM rollup_identity_hour "
+    account = conn.execute(
+        "SELECT instance, account_key, analytics_model, provider, requests FROM rollup_account_hour "
         "WHERE bucket_ms = ? AND failed = 0", (T0,)).fetchone()
-    assert ident == ("default", "acct-a", "", "codex", 3)
+    assert account == ("default", "acct-a", "gpt-5.4", "codex", 3)
+    key = conn.execute("SELECT api_key_hash, account_key, sum(requests), sum(failures) FROM rollup_api_key_day "
+                       "GROUP BY 1, 2").fetchone()
+    assert key == ("", "acct-a", 5, 1)
 
 
 def test_rollups_equal_raw_aggregates(conn):
@@ -181,7 +184,7 @@ def test_rebuild_equals_incremental(conn):
     assert snapshot(conn) == incremental
     # damage two days' rows, then rebuild only a window that covers them
     conn.execute("DELETE FROM rollup_traffic_hour WHERE bucket_ms >= ?", (T0 + DAY,))
-    conn.execute("UPDATE rollup_identity_day SET requests = 0")
+    conn.execute("UPDATE rollup_account_day SET requests = 0")
     rollup.rebuild(conn, T0 - DAY, T0 + 4 * DAY)
     assert snapshot(conn) == incremental
 
