@@ -177,3 +177,213 @@ def test_fuzz_no_5xx(client, path, body):
 def test_fuzz_raw_bytes_no_5xx(client, path, raw):
     response = client.post(path, data=raw, content_type="application/json")
     assert response.status_code < 500
+
+
+# --- real data: Grafana bodies against ingested events, exact numbers ------------------
+
+DAY = 1795824000000  # 2026-11-28T00:00:00Z
+ALICE, BOB, CAROL = "9f2c4e1a7b3d5c60", "1b2b3b4b5b6b7b8b", "c0c0c0c0c0c0c0c0"
+
+
+def cpa_event(minute: int, request_id: str, *, provider: str = "codex", model: str = "gpt-5.4",
+              status: int = 200, latency: int = 1000, tokens: tuple[int, int] = (100, 20),
+              api_key: str = "sk-client-a-0001", source: str = "alice@example.com",
+              auth_index: str = ALICE, body: str = "", headers: dict | None = None) -> dict:
+    """One CPA usage event as CPA publishes it, `minute` minutes after DAY."""
+    stamp = f"2026-11-28T{minute // 60:02d}:{minute % 60:02d}:00Z"
+    return {
+        "timestamp": stamp, "latency_ms": latency, "ttft_ms": 0, "source": source, "auth_index": auth_index,
+        "client_ip": "192.0.2.10", "x_forwarded_for": "", "user_agent": "test/1.0",
+        "tokens": {"input_tokens": tokens[0], "output_tokens": tokens[1], "reasoning_tokens": 0,
+                   "cached_tokens": 0, "cache_read_tokens": 0, "cache_read_tokens_present": True,
+                   "cache_creation_tokens": 0, "total_tokens": sum(tokens)},
+        "failed": status != 200, "generate": True, "fail": {"status_code": status, "body": body},
+        "response_headers": headers or {"Content-Type": ["application/json"]}, "accounting_version": 2,
+        "provider": provider, "executor_type": "CodexExecutor", "model": model, "alias": model,
+        "endpoint": "POST /v1/responses", "auth_type": "oauth", "api_key": api_key, "request_id": request_id,
+    }
+
+
+EVENTS = [
+    cpa_event(10, "r1"),
+    cpa_event(20, "r2", status=429, latency=3000, tokens=(0, 0)),
+    cpa_event(30, "r3", provider="claude", model="claude-sonnet-4-5", latency=2000, tokens=(200, 50),
+              api_key="sk-client-b-0002", source="bob@example.com", auth_index=BOB),
+    cpa_event(40, "r4", provider="gemini", model="gemini-2.5-pro", status=500, latency=4000, tokens=(10, 0),
+              api_key="sk-client-b-0002", source="carol@example.com", auth_index=CAROL),
+    cpa_event(300, "r5", latency=500, tokens=(50, 10)),
+]
+
+
+def ingest(db_path: str, events: list[dict]) -> int:
+    from datasource import normalize, store
+    from datasource.db import open_database
+
+    conn = open_database(db_path)
+    try:
+        items = [normalize.normalize(json.dumps(e), now_ms=DAY) for e in events]
+        return store.insert_batch(conn, items, origin="test", now_ms=DAY).inserted
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def data_client(settings, db_path):
+    assert ingest(db_path, EVENTS) == 5
+    return create_app(settings).test_client()
+
+
+def grafana_query(targets: list[dict], filters: list | None = None, interval_ms: int = 300000) -> dict:
+    """A /query body shaped like Grafana 11.3 sends it, for 00:00-06:00 on DAY."""
+    body = fixture("query_panel")
+    body.update(range={"from": "2026-11-28T00:00:00.000Z", "to": "2026-11-28T06:00:00.000Z",
+                       "raw": {"from": "now-6h", "to": "now"}}, intervalMs=interval_ms, maxDataPoints=1000,
+                targets=targets, filters=filters or [])
+    return body
+
+
+def columns(frame: dict) -> dict:
+    return {f["name"]: f["values"] for f in frame["fields"]}
+
+
+def test_summary_with_multi_value_all_and_adhoc(data_client):
+    target = {"refId": "A", "target": "summary", "editorMode": "code",
+              "payload": {"provider": ["codex", "claude"], "account": "__all__"}}
+    (frame,) = data_client.post("/query", json=grafana_query([target])).get_json()
+    got = columns(frame)
+    # r1, r2, r3, r5 (codex or claude): r2 failed with 429
+    assert (frame["refId"], got["requests"], got["successes"], got["failures"]) == ("A", [4], [3], [1])
+    assert got["success_rate"] == [0.75]
+    assert (got["input_tokens"], got["output_tokens"]) == ([350], [80])
+    no_429 = [{"key": "status", "operator": "!=", "value": "429"}]
+    (frame,) = data_client.post("/query", json=grafana_query([target], no_429)).get_json()
+    assert (columns(frame)["requests"], columns(frame)["failures"]) == ([3], [0])
+
+
+def test_hidden_target_and_code_mode_breakdown(data_client):
+    hidden = {"refId": "H", "target": "summary", "hide": True}
+    breakdown = {"refId": "B", "target": "breakdown", "editorMode": "code",
+                 "payload": "{\"by\": \"status_code\", \"provider\": [\"codex\",\"gemini\"], \"model\": \"__all__\"}"}
+    frames = data_client.post("/query", json=grafana_query([hidden, breakdown])).get_json()
+    assert [f["refId"] for f in frames] == ["B"]
+    got = columns(frames[0])
+    # codex/gemini: r1, r5 -> 200; r2 -> 429; r4 -> 500
+    assert dict(zip(got["key"], got["requests"])) == {"200": 2, "429": 1, "500": 1}
+    assert got["requests"] == [2, 1, 1]
+
+
+def test_timeseries_hourly_buckets_are_all_present(data_client):
+    target = {"refId": "T", "target": "timeseries", "payload": {"measure": "requests"}}
+    (frame,) = data_client.post("/query", json=grafana_query([target], interval_ms=3600000)).get_json()
+    got = columns(frame)
+    assert got["time"] == [DAY + h * 3600000 for h in range(6)]
+    assert got["requests"] == [4, 0, 0, 0, 0, 1]
+
+
+def test_requests_newest_first_with_masked_keys(data_client):
+    target = {"refId": "R", "target": "requests", "payload": {"limit": 3}}
+    (frame,) = data_client.post("/query", json=grafana_query([target])).get_json()
+    got = columns(frame)
+    assert got["request_id"] == ["r5", "r4", "r3"]
+    assert got["api_key"] == ["sk******01", "sk******02", "sk******02"]
+
+
+def test_variable_tag_keys_and_tag_values(data_client):
+    body = fixture("variable")
+    body["payload"] = {"target": "provider", "model": "__all__"}
+    body["range"] = {"from": "2026-11-28T00:00:00.000Z", "to": "2026-11-28T06:00:00.000Z"}
+    values = data_client.post("/variable", json=body).get_json()
+    assert sorted(v["__value"] for v in values) == ["claude", "codex", "gemini"]
+    keys = [k["text"] for k in data_client.post("/tag-keys", json=fixture("tag_keys")).get_json()]
+    assert keys[:3] == ["instance", "provider", "model"]
+    tag_body = fixture("tag_values")
+    tag_body["filters"] = [{"key": "provider", "operator": "!=", "value": "codex"}]
+    assert data_client.post("/tag-values", json=tag_body).get_json() == [
+        {"text": "claude-sonnet-4-5"}, {"text": "gemini-2.5-pro"}]
+
+
+# --- leak test: planted secrets never come back from any route ------------------------
+
+PLANTED = {
+    "caller key": "sk-callerLEAKkey0001xyz",
+    "upstream key source": "sk-upstreamLEAKsource0002abcdefgh",
+    "bearer in body": "LEAKbearer0003tokenvalue",
+    "anthropic key in body": "sk-ant-api03-LEAKanthropic0004key",
+    "email in body": "leaked.person.LEAK0005@corp-example.net",
+    "cookie in body": "LEAKcookie0006value",
+    "api_key field in body": "LEAKapikeyfield0007value",
+    "set-cookie header": "LEAKsetcookie0008",
+    "authorization header": "LEAKauthheader0009token",
+    "client ip": "198.51.100.77",
+    "forwarded ip": "203.0.113.99",
+}
+OWNER_EMAIL = "owner.LEAK0010@mail-example.org"
+VARIABLES = ("instance", "provider", "model", "project", "account", "api_key", "status", "failure_type",
+             "request_type", "endpoint", "cache")  # docs/api.md "Variables"
+
+
+def planted_events() -> list[dict]:
+    body = json.dumps({"error": {
+        "message": f"token rejected: Authorization: Bearer {PLANTED['bearer in body']} and key "
+                   f"{PLANTED['anthropic key in body']} for {PLANTED['email in body']}",
+        "cookie": f"session={PLANTED['cookie in body']}", "api_key": PLANTED["api_key field in body"],
+        "code": "token_invalidated"}, "status": 401})
+    headers = {"Set-Cookie": [f"sid={PLANTED['set-cookie header']}; HttpOnly"],
+               "Authorization": [f"Bearer {PLANTED['authorization header']}"], "X-Request-Id": ["req_leak"]}
+    leaky = [
+        cpa_event(50, "leak1", api_key=PLANTED["caller key"], source=PLANTED["upstream key source"],
+                  auth_index="5ec7e75ec7e75ec7", headers=headers),
+        cpa_event(55, "leak2", status=401, api_key=PLANTED["caller key"], source=OWNER_EMAIL,
+                  auth_index="6ec7e75ec7e75ec7", body=body, headers=headers),
+        cpa_event(58, "leak3", status=429, api_key=PLANTED["caller key"], source=OWNER_EMAIL,
+                  auth_index="6ec7e75ec7e75ec7", body=body),
+    ]
+    for event in leaky:
+        event.update(client_ip=PLANTED["client ip"], x_forwarded_for=f"{PLANTED['forwarded ip']}, 10.0.0.1")
+    return EVENTS + leaky
+
+
+def every_request(client) -> list[tuple[str, str, dict | None]]:
+    """(method, path, body) for every route, every target with every select option, every lookup."""
+    calls: list[tuple[str, str, dict | None]] = [("get", p, None) for p in ("/", "/healthz", "/status")]
+    calls += [("post", "/metrics", {}), ("post", "/search", {"target": ""}), ("post", "/tag-keys", {})]
+    window = {"from": "2026-11-28T00:00:00.000Z", "to": "2026-11-28T06:00:00.000Z"}
+    targets = []
+    for metric in client.post("/metrics", json={}).get_json():
+        targets.append({"refId": metric["value"], "target": metric["value"], "payload": {}})
+        for option in metric.get("payloads", []):
+            for choice in option.get("options", []):
+                payload = {option["name"]: choice["value"]}
+                targets.append({"refId": "X", "target": metric["value"], "payload": payload})
+                calls.append(("post", "/metric-payload-options",
+                              {"metric": metric["value"], "name": option["name"], "payload": {}}))
+    calls += [("post", "/query", {"range": window, "intervalMs": 600000, "targets": [t]}) for t in targets]
+    for key in [k["text"] for k in client.post("/tag-keys", json={}).get_json()]:
+        calls.append(("post", "/tag-values", {"key": key, "timeRange": window}))
+    for name in VARIABLES:
+        calls.append(("post", "/variable", {"payload": {"target": name}, "range": window}))
+    calls.append(("post", "/annotations", {"range": window, "annotation": {"name": "a", "query": ""}}))
+    return calls
+
+
+@pytest.mark.parametrize("mask_emails", [False, True])
+def test_no_planted_secret_leaves_any_route(db_path, mask_emails):
+    assert ingest(db_path, planted_events()) == 8
+    settings = Settings.from_env({}, db=db_path, collector="off", mask_emails=mask_emails)
+    client = create_app(settings).test_client()
+    calls = every_request(client)
+    assert len(calls) > 60
+    answered, seen = 0, ""
+    for method, path, body in calls:
+        response = getattr(client, method)(path, json=body) if body is not None else client.get(path)
+        text = response.get_data(as_text=True)
+        assert response.status_code < 500, (path, body, text)
+        answered += response.status_code == 200
+        seen += text
+        for what, secret in PLANTED.items():
+            assert secret not in text, (what, path, body)
+        if mask_emails:
+            assert OWNER_EMAIL not in text, (path, body)
+    assert answered == len(calls)
+    # the planted rows did reach the answers (masked caller key, request ids)
+    assert "sk******yz" in seen and "leak2" in seen
