@@ -2,7 +2,7 @@
 
 Events carry the action normalize chose (events.action / action_reason / action_detail).
 Credential errors from CPA's errors channel map to actions here: quota exceeded ->
-wait_quota_reset, 401 -> reauth, 403 -> review. Rows are grouped per
+wait_quota_reset (reason quota_exhausted, as for 429 quota events), 401 -> reauth, 403 -> review. Rows are grouped per
 (instance, account_key, action, reason_code); both sources merge into one row.
 """
 
@@ -22,7 +22,7 @@ ACTION_COLUMNS: tuple[tuple[str, str], ...] = (
     ("last_evidence", "string"), ("quota_recover_at", "time"),
 )
 REASONS: dict[str, str] = {
-    "quota_exceeded": "CPA reported the credential's quota exceeded; wait for the reset",
+    "quota_exhausted": "usage quota exhausted; wait for the window to reset",
     "credential_unauthorized": "CPA reported 401 for the credential; sign in again",
     "credential_forbidden": "CPA reported 403 for the credential; review it",
 }
@@ -45,7 +45,7 @@ FROM (SELECT *, min(ts_ms) OVER w AS first_ts, count(*) OVER w AS hits,
              max(next_retry_after_ms) OVER w AS recover
       FROM (SELECT *, CASE WHEN quota_exceeded = 1 THEN 'wait_quota_reset'
                            WHEN status_code = 401 THEN 'reauth' ELSE 'review' END AS action,
-                      CASE WHEN quota_exceeded = 1 THEN 'quota_exceeded'
+                      CASE WHEN quota_exceeded = 1 THEN 'quota_exhausted'
                            WHEN status_code = 401 THEN 'credential_unauthorized'
                            ELSE 'credential_forbidden' END AS reason
             FROM credential_errors
