@@ -1,0 +1,118 @@
+"""`cpa-monitor serve` as a real gunicorn subprocess: readiness poll, real HTTP, auth, shutdown."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from datasource.cli import cli
+from datasource.cmd_serve import is_loopback
+from tests.test_web import DAY, EVENTS, ingest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "e2e-Token-0001"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command() -> list[str]:
+    exe = shutil.which("cpa-monitor")
+    return [exe] if exe else [sys.executable, "-m", "datasource"]
+
+
+def call(url: str, body: dict | None = None, token: str | None = TOKEN) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def server(tmp_path):
+    db = str(tmp_path / "monitor.db")
+    assert ingest(db, EVENTS) == 5
+    port = free_port()
+    args = command() + ["serve", "--db", db, "--bind", f"127.0.0.1:{port}", "--api-token", TOKEN,
+                        "--collector", "off", "--threads", "4"]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if call(base + "/", token=None)[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail("serve did not become ready:\n" + log.read())
+        time.sleep(0.1)
+    yield base, log
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    log.close()
+
+
+def test_served_by_gunicorn_with_token(server):
+    base, log = server
+    assert call(base + "/healthz", token=None) == (200, {"ok": True, "version": "0.1.0", "collectors": []})
+    status, body = call(base + "/query", {"targets": []}, token=None)
+    assert (status, body["error"]["code"]) == (403, "AUTH_REQUIRED")
+    status, body = call(base + "/query", {"targets": []}, token="guess-Token-9999")
+    assert (status, body["error"]["code"]) == (403, "AUTH_FAILED")
+    query = {"range": {"from": "2026-11-28T00:00:00.000Z", "to": "2026-11-28T06:00:00.000Z"},
+             "intervalMs": 3600000, "maxDataPoints": 6,
+             "targets": [{"refId": "A", "target": "summary", "payload": "{\"provider\": [\"codex\"]}"},
+                         {"refId": "B", "target": "timeseries", "payload": {"measure": "requests"}},
+                         {"refId": "C", "target": "requests", "hide": True}]}
+    status, frames = call(base + "/query", query)
+    assert status == 200 and [f["refId"] for f in frames] == ["A", "B"]
+    summary = {f["name"]: f["values"] for f in frames[0]["fields"]}
+    assert (summary["requests"], summary["failures"]) == ([3], [1])  # r1, r2 (429), r5
+    series = {f["name"]: f["values"] for f in frames[1]["fields"]}
+    assert series["time"] == [DAY + h * 3600000 for h in range(6)]
+    assert series["requests"] == [4, 0, 0, 0, 0, 1]
+    status, body = call(base + "/query", {"range": {"from": 2, "to": 1}})
+    assert (status, body["error"]["code"]) == (400, "BAD_RANGE")
+    log.seek(0)
+    text = log.read()
+    assert "Booting worker" in text and TOKEN not in text and "guess-Token" not in text
+
+
+def test_serve_refuses_a_public_bind_without_credentials(db_path):
+    result = CliRunner().invoke(cli, ["serve", "--db", db_path, "--bind", "0.0.0.0:8080", "--collector", "off"])
+    assert result.exit_code == 1
+    assert "refusing to listen on 0.0.0.0:8080 without credentials" in result.output
+
+
+@pytest.mark.parametrize(("bind", "loopback"), [
+    ("127.0.0.1:8080", True), ("127.0.0.2:80", True), ("localhost:8080", True), ("[::1]:8080", True),
+    ("unix:/tmp/s.sock", True), ("0.0.0.0:8080", False), ("[::]:8080", False), ("192.168.1.5:8080", False),
+    ("grafana.example:8080", False),
+])
+def test_is_loopback(bind, loopback):
+    assert is_loopback(bind) is loopback
