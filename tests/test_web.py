@@ -387,3 +387,22 @@ def test_no_planted_secret_leaves_any_route(db_path, mask_emails):
     assert answered == len(calls)
     # the planted rows did reach the answers (masked caller key, request ids)
     assert "sk******yz" in seen and "leak2" in seen
+
+
+def test_simplejson_annotations_and_collector_status(settings, conn):
+    conn.execute("INSERT INTO collector_episodes(instance, kind, start_ms, end_ms, detail) VALUES (?, ?, ?, ?, ?)",
+                 ("eu", "gap", DAY + 600000, DAY + 1200000, "no events for 10 min"))
+    conn.execute("INSERT INTO collector_status(instance, url, state, last_error, inserted) VALUES (?, ?, ?, ?, ?)",
+                 ("eu", "http://127.0.0.1:8317", "running", "auth failed for key", 7))
+    client = create_app(settings).test_client()
+    body = fixture("simplejson_annotations")
+    assert client.post("/annotations", json=body).get_json() == [{
+        "annotation": body["annotation"], "time": DAY + 600000, "timeEnd": DAY + 1200000,
+        "title": "Collector gap: eu", "text": "no events for 10 min", "tags": ["collector", "gap"],
+    }]
+    health = client.get("/healthz").get_json()
+    assert health["collectors"] == [{"instance": "eu", "state": "running", "transport": None, "mode": None,
+                                     "last_consumed": None, "last_inserted": None, "lag_s": None}]
+    status = client.get("/status").get_json()["collectors"]
+    assert (status[0]["url"], status[0]["last_error"], status[0]["inserted"]) == (
+        "http://127.0.0.1:8317", "auth failed for key", 7)
