@@ -1,0 +1,143 @@
+"""CollectorService: exactly one collector per database, one loop per configured CPA upstream.
+
+`start()` launches the daemon thread `datasource-collector`. It tries a non-blocking flock on
+`<db>.collector.lock` every few seconds; while it holds the lock it runs one UpstreamLoop thread per
+upstream and the daily retention prune; otherwise the process serves queries only (state
+`standby`, with who holds the lock) and takes over when the holder dies. `stop()` lets every loop
+finish its current batch, joins them and releases the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+from datasource import store, store_status
+from datasource.config import Settings
+from datasource.db import open_database
+from datasource.lock import CollectorLock
+from datasource.upstream import MAX_RETENTION_S, ConfigRefused, Timing, UpstreamLoop, check_poll_interval
+
+logger = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+MODES = ("auto", "subscribe", "http", "resp")
+
+
+def validate(settings: Settings) -> None:
+    """Refuse settings that cannot work whatever CPA says (raises ValueError / ConfigRefused)."""
+    if settings.collector_mode not in MODES:
+        raise ValueError(f"collector mode must be one of {', '.join(MODES)}, not {settings.collector_mode!r}")
+    if settings.pop_side.lower() not in ("right", "left", "rpop", "lpop"):
+        raise ValueError(f"pop side must be right or left, not {settings.pop_side!r}")
+    if settings.batch_size <= 0 or settings.poll_interval_ms <= 0:
+        raise ValueError("batch size and poll interval must be positive")
+    check_poll_interval(settings.poll_interval_ms, MAX_RETENTION_S)
+    if not settings.upstreams():
+        raise ValueError("no CPA upstream configured (CPA_MONITOR_CPA_URL)")
+
+
+class CollectorService:
+    def __init__(self, settings: Settings, *, now: Callable[[], float] = time.time,
+                 timing: Timing = Timing()) -> None:
+        self.settings = settings
+        self.timing = timing
+        self._now = now
+        self._lock = CollectorLock(settings.db)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loops: list[tuple[UpstreamLoop, threading.Thread]] = []
+        self._standby_logged = False
+        self._next_prune_ms = 0
+        self._state_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Non-blocking and idempotent; raises ValueError/ConfigRefused for unusable settings."""
+        with self._state_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            validate(self.settings)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="datasource-collector", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._state_lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+            if thread is None:
+                return
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("collector thread still running %.1f s after stop", timeout)
+
+    def holds_lock(self) -> bool:
+        return self._lock.held
+
+    def loops(self) -> list[UpstreamLoop]:
+        return [loop for loop, _ in self._loops]
+
+    # --- thread body ------------------------------------------------------------
+    def _run(self) -> None:
+        conn = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn = conn or open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms)
+                    self._tick(conn)
+                except Exception:  # never let the supervising thread die (a busy or missing database)
+                    logger.exception("collector supervisor error")
+                self._stop.wait(self.timing.lock_retry_s)
+        finally:
+            self._stop_loops()
+            self._lock.release()
+            if conn is not None:
+                conn.close()
+
+    def _tick(self, conn: object) -> None:
+        if not self._lock.held and self._lock.try_acquire():
+            self._standby_logged = False
+            self._start_loops()
+        if not self._lock.held:
+            self._standby(conn)
+            return
+        now_ms = int(self._now() * 1000)
+        if now_ms >= self._next_prune_ms:
+            self._next_prune_ms = now_ms + DAY_MS
+            deleted = store.prune(conn, now_ms - self.settings.retention_days * DAY_MS)
+            logger.info("retention: pruned %d events older than %d days", deleted, self.settings.retention_days)
+
+    def _holder_text(self) -> str:
+        return f"pid {os.getpid()} host {socket.gethostname()}"
+
+    def _start_loops(self) -> None:
+        for name, url in self.settings.upstreams():
+            loop = UpstreamLoop(self.settings, name, url, self._stop, timing=self.timing, now=self._now,
+                                holder=self._holder_text())
+            thread = threading.Thread(target=loop.run, name=f"datasource-collector-{name}", daemon=True)
+            thread.start()
+            self._loops.append((loop, thread))
+
+    def _stop_loops(self) -> None:
+        for loop, thread in self._loops:
+            thread.join(self.timing.read_timeout_s + 30)
+            if thread.is_alive():
+                logger.warning("collector loop %s did not stop", loop.name)
+        self._loops = []
+
+    def _standby(self, conn: object) -> None:
+        holder = self._lock.holder()
+        who = holder.describe() if holder else "an unknown process"
+        warning = f"another collector holds {self._lock.path}: {who}"
+        if not self._standby_logged:
+            logger.warning("%s; this process serves queries only and takes over if it stops", warning)
+            self._standby_logged = True
+        for name, url in self.settings.upstreams():
+            store_status.write_standby(conn, name, url, warning, int(self._now() * 1000))
+
+
+__all__ = ["CollectorService", "ConfigRefused", "Timing", "validate"]

@@ -1,0 +1,80 @@
+"""One upstream's batches into the store: control payloads, account refresh, normalize, insert.
+
+`Ingestor.usage(raws)` handles one popped/subscribed batch in one store transaction and
+returns the InsertResult; `Ingestor.errors(raws)` stores `errors` channel events. Nothing here
+talks to CPA except through the AccountDirectory's fetch callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import apsw
+
+from datasource import store, store_status
+from datasource.accounts import AccountDirectory, parse_credential_error
+from datasource.model import Control, InsertResult, Normalized, Rejected
+from datasource.normalize import normalize
+
+logger = logging.getLogger(__name__)
+
+
+class Ingestor:
+    def __init__(self, conn: apsw.Connection, instance: str, directory: AccountDirectory | None = None,
+                 *, now: Callable[[], float] = time.time) -> None:
+        self.conn = conn
+        self.instance = instance
+        self.directory = directory
+        self._now = now
+        self.refreshes = 0
+        self.controls = 0
+
+    def _now_ms(self) -> int:
+        return int(self._now() * 1000)
+
+    def usage(self, raws: Sequence[bytes]) -> InsertResult:
+        """Normalize and store one batch (control payloads act, blank items are skipped)."""
+        items: list[Normalized | Rejected] = []
+        for raw in raws:
+            if not raw or not raw.strip():
+                continue
+            out = normalize(raw, instance=self.instance)
+            if isinstance(out, Control):
+                self._control(out)
+            else:
+                items.append(out)
+        if not items:
+            return InsertResult()
+        self._refresh_accounts()
+        return store.insert_batch(self.conn, items, origin="collector", instance=self.instance)
+
+    def _control(self, control: Control) -> None:
+        self.controls += 1
+        if control.kind == "refresh":
+            self.refreshes += 1
+            if self.directory is not None:
+                self.directory.invalidate()
+            logger.info("%s: CPA credentials changed; auth-files cache cleared", self.instance)
+
+    def _refresh_accounts(self) -> None:
+        if self.directory is None or not self.directory.due():
+            return
+        rows = self.directory.fetch()
+        if rows is not None:
+            changes = store_status.upsert_accounts(self.conn, self.instance, rows, self._now_ms())
+            logger.debug("%s: %d accounts stored, %d status changes", self.instance, len(rows), changes)
+
+    def errors(self, raws: Sequence[bytes]) -> int:
+        """Store credential error events; returns how many were stored."""
+        stored = 0
+        for raw in raws:
+            parsed = parse_credential_error(raw, self.instance, self._now_ms())
+            if parsed is None:
+                logger.warning("%s: skipping an errors-channel payload that is not a JSON object", self.instance)
+                continue
+            row, body = parsed
+            store_status.insert_credential_error(self.conn, row, body)
+            stored += 1
+        return stored

@@ -1,0 +1,304 @@
+"""The collector loop for one CPA upstream: pick a transport, consume, store, report, back off.
+
+Modes: `subscribe` (SUBSCRIBE usage, then drain the queue with pops on a second connection, PING
+keep-alive, periodic re-drain), `http` (GET usage-queue), `resp` (RPOP/LPOP usage N) and `auto`:
+subscribe; if CPA refuses the subscription, HTTP; if HTTP is unsupported, RESP pops. A transport
+that has worked is kept. Connection errors back off 1 s doubling to 30 s; an authentication error
+(wrong key or banned IP) backs off for minutes and never falls back, so it costs one failed login
+per try. Every state change is written to collector_status; outages become collector_episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from datasource import store_status
+from datasource.accounts import AccountDirectory
+from datasource.config import Settings
+from datasource.db import open_database
+from datasource.ingest import Ingestor
+from datasource.model import InsertResult
+from datasource.sources import (ERRORS, USAGE, AuthError, HttpManagement, RespConnection, RespSubscriber,
+                                SourceError, Unsupported)
+from datasource.store_status import StatusRow
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_S = 60
+MAX_RETENTION_S = 3600
+
+
+@dataclass(frozen=True)
+class Timing:
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    auth_backoff_s: float = 300.0
+    keepalive_s: float = 30.0
+    read_timeout_s: float = 1.0
+    drain_interval_s: float = 5.0
+    lock_retry_s: float = 3.0
+    connect_timeout_s: float = 10.0
+
+
+class ConfigRefused(Exception):
+    """The configuration cannot work against this CPA (poll interval >= queue retention)."""
+
+
+def retention_from_config(config: dict) -> int:
+    """CPA's rule: missing or <= 0 -> 60 s; at most 3600 s."""
+    value = config.get("redis-usage-queue-retention-seconds")
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        return DEFAULT_RETENTION_S
+    return DEFAULT_RETENTION_S if seconds <= 0 else min(seconds, MAX_RETENTION_S)
+
+
+def check_poll_interval(poll_interval_ms: int, retention_s: int) -> None:
+    if poll_interval_ms >= retention_s * 1000:
+        raise ConfigRefused(f"poll interval {poll_interval_ms} ms is not shorter than CPA's queue retention "
+                            f"{retention_s} s: events would expire before they are read")
+
+
+class UpstreamLoop:
+    """Runs in its own thread until `stop` is set; owns its write connection."""
+
+    def __init__(self, settings: Settings, name: str, url: str, stop: threading.Event, *,
+                 timing: Timing = Timing(), now: Callable[[], float] = time.time, holder: str = "") -> None:
+        self.settings, self.name, self.url, self.stop, self.timing, self._now = settings, name, url, stop, timing, now
+        self.status = StatusRow(instance=name, url=url, mode=settings.collector_mode, holder=holder)
+        self.transport = "subscribe" if settings.collector_mode in ("auto", "subscribe") else settings.collector_mode
+        self.established = False
+        self.backoff_s = timing.backoff_initial_s
+        self.down_since_ms: int | None = None
+        self.error_episode: int | None = None
+        self.conn = None
+        self.ingestor: Ingestor | None = None
+        self.pings = 0
+
+    # --- plumbing -------------------------------------------------------------
+    def now_ms(self) -> int:
+        return int(self._now() * 1000)
+
+    def key(self) -> str:
+        return self.settings.management_key()
+
+    def http(self, timeout_s: float = 30.0) -> HttpManagement:
+        return HttpManagement(self.url, self.key(), timeout_s=timeout_s)
+
+    def save(self, **changes: object) -> None:
+        for field_name, value in changes.items():
+            setattr(self.status, field_name, value)
+        self.status.updated_ms = self.now_ms()
+        store_status.write_status(self.conn, self.status)
+
+    # --- thread body ------------------------------------------------------------
+    def open_store(self) -> bool:
+        """The loop's write connection; a busy database (a concurrent migrate or prune) is retried."""
+        while not self.stop.is_set():
+            try:
+                self.conn = open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms)
+                return True
+            except Exception as exc:
+                logger.warning("%s: cannot open the database yet (%s); retrying", self.name, exc)
+                self.wait_backoff()
+        return False
+
+    def run(self) -> None:
+        if not self.open_store():
+            return
+        directory = AccountDirectory(lambda: self.http(5.0).auth_files(), self.settings.auth_files_ttl_s,
+                                     mask_emails=self.settings.mask_emails, now=self._now)
+        self.ingestor = Ingestor(self.conn, self.name, directory, now=self._now)
+        totals = store_status.read_totals(self.conn, self.name)
+        self.status.inserted, self.status.duplicates, self.status.dead_letters = totals
+        self.save(state="starting", started_ms=self.now_ms())
+        try:
+            while not self.stop.is_set():
+                if not self.attempt():
+                    break
+        finally:
+            self.save(state="stopped" if self.stop.is_set() else self.status.state)
+            self.conn.close()
+
+    def attempt(self) -> bool:
+        """One session on the current transport; False when this upstream must stop for good."""
+        try:
+            {"subscribe": self.subscribe_session, "http": self.http_session, "resp": self.resp_session}[self.transport]()
+            return True
+        except ConfigRefused as exc:
+            logger.error("%s: %s", self.name, exc)
+            self.failed("connect", str(exc))
+            return False
+        except AuthError as exc:
+            self.failed("auth", str(exc))
+            self.stop.wait(self.timing.auth_backoff_s)
+        except SourceError as exc:
+            if self.fall_back(exc):
+                return True
+            self.failed(exc.stage, str(exc))
+            self.wait_backoff()
+        except Exception as exc:  # the loop never dies: a store or parse bug is reported and retried
+            logger.exception("%s: collector error", self.name)
+            self.failed("consume", f"{exc.__class__.__name__}: {exc}")
+            self.wait_backoff()
+        return True
+
+    def fall_back(self, exc: SourceError) -> bool:
+        if self.settings.collector_mode != "auto" or self.established:
+            return False
+        if self.transport == "subscribe" and (isinstance(exc, Unsupported) or exc.stage == "subscribe"):
+            self.transport = "http"
+        elif self.transport == "http" and isinstance(exc, Unsupported):
+            self.transport = "resp"
+        else:
+            return False
+        logger.info("%s: %s; auto mode falls back to %s", self.name, exc, self.transport)
+        return True
+
+    def wait_backoff(self) -> None:
+        self.stop.wait(self.backoff_s)
+        self.backoff_s = min(self.backoff_s * 2, self.timing.backoff_max_s)
+
+    # --- state reports ---------------------------------------------------------
+    def failed(self, stage: str, message: str) -> None:
+        now = self.now_ms()
+        was_up = self.status.state == "running"
+        if self.down_since_ms is None:
+            self.down_since_ms = now
+        kind = "dropped_subscription" if was_up and self.transport == "subscribe" else "error"
+        if self.error_episode is None:
+            self.error_episode = store_status.open_episode(self.conn, self.name, kind, now, f"{stage}: {message}")
+        logger.warning("%s: %s error: %s", self.name, stage, message)
+        self.save(state="error", last_error=message, last_error_stage=stage, last_error_ms=now)
+
+    def connected(self) -> None:
+        now = self.now_ms()
+        self.established = True
+        self.backoff_s = self.timing.backoff_initial_s
+        if self.error_episode is not None:
+            store_status.close_episode(self.conn, self.error_episode, now)
+            self.error_episode = None
+        if self.down_since_ms is not None:
+            down_s = (now - self.down_since_ms) / 1000
+            store_status.add_episode(self.conn, self.name, "reconnect", now, now, f"{self.transport} after {down_s:.1f} s")
+            retention = self.status.queue_retention_s or DEFAULT_RETENTION_S
+            if down_s >= retention:
+                store_status.add_episode(self.conn, self.name, "gap", self.down_since_ms, now,
+                                         f"no connection for {down_s:.0f} s; CPA keeps events {retention} s")
+            self.down_since_ms = None
+        self.read_config()
+        self.save(state="running", transport=self.transport)
+        logger.info("%s: consuming via %s", self.name, self.transport)
+
+    def read_config(self) -> None:
+        """CPA's config when the management API allows it: publishing flag and queue retention."""
+        warnings = [w for w in self.status.warnings if not w.startswith("CPA usage publishing")]
+        try:
+            config = self.http(5.0).config()
+        except SourceError as exc:
+            logger.info("%s: CPA config not readable (%s); publishing state unknown", self.name, exc)
+            self.status.warnings = warnings
+            return
+        retention = retention_from_config(config)
+        self.status.queue_retention_s = retention
+        publishing = config.get("usage-statistics-enabled")
+        self.status.usage_publishing = None if publishing is None else bool(publishing)
+        if publishing is False:
+            warnings.append("CPA usage publishing is off (usage-statistics-enabled: false): no events arrive")
+        self.status.warnings = warnings
+        check_poll_interval(self.settings.poll_interval_ms, retention)
+
+    def record(self, result: InsertResult, consumed: int) -> None:
+        now = self.now_ms()
+        if consumed:
+            self.status.last_consumed_ms = now
+        if result.inserted + result.duplicates + result.dead_letters:
+            self.status.last_inserted_ms = now
+            self.status.inserted += result.inserted
+            self.status.duplicates += result.duplicates
+            self.status.dead_letters += result.dead_letters
+        if consumed:
+            self.save()
+
+    def consume(self, raws: list[bytes]) -> int:
+        assert self.ingestor is not None
+        self.record(self.ingestor.usage(raws), len(raws))
+        return len(raws)
+
+    # --- transports ------------------------------------------------------------
+    def resp_session(self) -> None:
+        popper = RespConnection(self.url, self.key(), timeout_s=self.timing.connect_timeout_s).open()
+        try:
+            self.connected()
+            while not self.stop.is_set():
+                if self.consume(popper.pop(self.settings.batch_size, self.settings.pop_side)) == 0:
+                    self.stop.wait(self.settings.poll_interval_ms / 1000)
+        finally:
+            popper.close()
+
+    def http_session(self) -> None:
+        client = self.http()
+        first = client.usage_queue(self.settings.batch_size)
+        self.connected()
+        self.consume(first)
+        while not self.stop.is_set():
+            if self.consume(client.usage_queue(self.settings.batch_size)) == 0:
+                self.stop.wait(self.settings.poll_interval_ms / 1000)
+
+    def drain(self, popper: RespConnection) -> int:
+        total = 0
+        while not self.stop.is_set():
+            got = self.consume(popper.pop(self.settings.batch_size, self.settings.pop_side))
+            total += got
+            if got < self.settings.batch_size:
+                break
+        return total
+
+    def subscribe_session(self) -> None:
+        t = self.timing
+        sub = RespSubscriber(self.url, self.key(), USAGE, timeout_s=t.connect_timeout_s).open()
+        popper = errsub = None
+        try:
+            popper = RespConnection(self.url, self.key(), timeout_s=t.connect_timeout_s).open()
+            errsub = self.open_errors()
+            self.connected()
+            self.drain(popper)
+            self.subscribed(sub, popper, errsub)
+        finally:
+            for conn in (sub, popper, errsub):
+                if conn is not None:
+                    conn.close()
+
+    def open_errors(self) -> RespSubscriber | None:
+        try:
+            return RespSubscriber(self.url, self.key(), ERRORS, timeout_s=self.timing.connect_timeout_s).open()
+        except AuthError:
+            raise
+        except SourceError as exc:
+            logger.warning("%s: no errors-channel subscription (%s)", self.name, exc)
+            return None
+
+    def subscribed(self, sub: RespSubscriber, popper: RespConnection, errsub: RespSubscriber | None) -> None:
+        t = self.timing
+        last_drain = time.monotonic()
+        while not self.stop.is_set():
+            messages = sub.read(t.read_timeout_s, self.settings.batch_size)
+            if messages:
+                self.consume([m.payload for m in messages])
+            if errsub is not None:
+                errors = errsub.read(0.0, self.settings.batch_size)
+                if errors and self.ingestor is not None:
+                    self.ingestor.errors([m.payload for m in errors])
+            if time.monotonic() - sub.last_ping >= t.keepalive_s:
+                for conn in (sub, errsub):
+                    if conn is not None:
+                        conn.ping()
+                self.pings += 1
+            if time.monotonic() - last_drain >= t.drain_interval_s:
+                self.drain(popper)  # items a dropped or racing subscriber left in the queue
+                last_drain = time.monotonic()
