@@ -65,7 +65,8 @@ CACHE_WORDS: dict[str, str] = {
 _CODE = re.compile(r"^[1-5][0-9]{2}$")
 _CODE_CLASS = re.compile(r"^([1-5])xx$")
 _REGEX_ESCAPED = re.compile(r"\\([\\^$*+?.()|\[\]{}/])")
-_NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
+# A quantified group that itself repeats or alternates: (a+)+, (x*)*, (a|aa)+ backtrack exponentially.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}|][^()]*\)\s*[*+{]")
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?<[=!]")
 
 
@@ -102,6 +103,8 @@ def expand_value(raw: Any, key: str) -> tuple[str, ...]:
     if isinstance(raw, (list, tuple)):
         out: list[str] = []
         for item in raw:
+            if isinstance(item, (list, tuple)):
+                raise BadRequest(f"filter {key!r}: nested lists are not a filter value")
             expanded = expand_value(item, key)
             if not expanded:
                 return ()  # an All member makes the whole list All

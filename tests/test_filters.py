@@ -1,0 +1,200 @@
+"""Pure filter parsing and SQL building, plus the guarantees that need a real database."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from datasource import filters, query
+from datasource.filters import Clause, clauses_from_adhoc, clauses_from_payload, expand_value, where_sql
+from datasource.model import BadRequest, Unavailable
+from test_query import HOUR, T10, columns, db, rows, spec  # noqa: F401
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("codex", ("codex",)),
+    (["codex", "claude"], ("codex", "claude")),
+    ("(a|b\\.c)", ("a", "b.c")),
+    ("(gpt\\-5|x\\(high\\))", ("gpt\\-5", "x(high)")),  # Grafana does not escape '-'
+    ("{a,b}", ("a", "b")),
+    ("gpt-5\\.4\\(high\\)", ("gpt-5.4(high)",)),  # builder mode: a single regex-escaped value
+    (429, ("429",)),
+    (["a", "a", " b "], ("a", "b")),
+    ("All", ()), ("all", ()), ("$__all", ()), ("__all__", ()), ("*", ()), (".*", ()), ("", ()),
+    ([], ()), (["x", "__all__"], ()), (None, ()), ("{}", ()),
+])
+def test_expand_value_forms(raw, expected):
+    assert expand_value(raw, "model") == expected
+
+
+@pytest.mark.parametrize("raw", [{"a": 1}, True, [["x"]], [{"a": 1}]])
+def test_expand_value_rejects_objects(raw):
+    with pytest.raises(BadRequest):
+        expand_value(raw, "model")
+
+
+def test_clauses_from_payload_keeps_filter_keys_only():
+    clauses = clauses_from_payload({"measure": "requests", "provider": ["codex"], "status": "4xx",
+                                    "min_latency_ms": 3000, "search": " 50% ", "model": "All"})
+    assert clauses == (Clause("provider", "=", ("codex",)), Clause("status", "=", ("4xx",)),
+                       Clause("min_latency_ms", "=", ("3000",)), Clause("search", "=", ("50%",)))
+
+
+@pytest.mark.parametrize("payload,message", [
+    ({"status": "maybe"}, "status"),
+    ({"cache": "warm"}, "cache"),
+    ({"min_latency_ms": "fast"}, "not a number"),
+    ({"max_latency_ms": "inf"}, "finite"),
+    ({"min_latency_ms": [1, 2]}, "one number"),
+    ({"search": "x" * 201}, "longer"),
+    ({"provider": "x" * 513}, "longer"),
+    ({"provider": [str(i) for i in range(501)]}, "more than"),
+])
+def test_bad_payload_values(payload, message):
+    with pytest.raises(BadRequest, match=message):
+        clauses_from_payload(payload)
+
+
+def test_adhoc_filters_parse_and_refuse():
+    assert clauses_from_adhoc([{"key": "model", "operator": "=~", "value": "^gpt"},
+                               {"key": "min_latency_ms", "operator": "<", "value": "10"}]) == (
+        Clause("model", "=~", ("^gpt",)), Clause("min_latency_ms", "<", ("10",)))
+    assert clauses_from_adhoc(None) == () and clauses_from_adhoc([]) == ()
+    for bad in ([{"key": "email", "operator": "=", "value": "x"}],
+                [{"key": "model", "operator": "LIKE", "value": "x"}],
+                [{"key": "model", "operator": "<", "value": "5"}],
+                [{"key": "search", "operator": "=~", "value": "x"}],
+                [{"key": "min_latency_ms", "operator": ">", "value": "soon"}],
+                ["provider=codex"], {"key": "model"}):
+        with pytest.raises(BadRequest):
+            clauses_from_adhoc(bad)
+
+
+def test_where_sql_uses_bound_parameters_only():
+    sql, params = where_sql((Clause("provider", "=", ("codex", "claude")), Clause("status", "=", ("4xx", "failed")),
+                             Clause("min_latency_ms", "=", ("3000",)), Clause("search", "=", ("50%_x",)),
+                             Clause("model", "!=", ("a",))))
+    assert sql.count("?") == len(params)
+    assert params[:2] == ['["codex", "claude"]', '["codex", "claude"]']
+    assert "'%\\50\\%\\_x%'" not in sql and "%50\\%\\_x%" in params
+    assert where_sql(()) == ("1", [])
+
+
+INJECTIONS = ["x' OR 1=1 --", "'); DROP TABLE events; --", "\" OR \"\"=\"", "1; ATTACH 'x' AS y",
+              "%' OR '%'='", "\\' OR 1 --", "a) OR (1=1"]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("key", ["provider", "model", "account", "api_key", "trace_id", "search", "endpoint"])
+def test_values_cannot_change_the_sql(db, key, value):
+    plain_sql, _ = where_sql(clauses_from_payload({key: "plain"}))
+    sql, params = where_sql(clauses_from_payload({key: value}))
+    assert sql == plain_sql
+    if key == "search":
+        escaped = value.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        assert params[0] == f"%{escaped}%"
+    else:
+        assert json.loads(params[0]) == [value.strip()]
+    [row] = rows(query.execute(db, spec("summary", {}, clauses_from_payload({key: value})))[0])
+    assert row["requests"] == 0
+    assert db.execute("SELECT count(*) FROM events").fetchall()[0][0] == 13
+
+
+def test_adhoc_regex_bounded():
+    for pattern in ("(a+)+$", "(x*)*y", "(a|aa){2,}+", "(\\w+)\\1", "(?<=a)b", "a" * 201):
+        with pytest.raises(BadRequest):
+            clauses_from_adhoc([{"key": "model", "operator": "=~", "value": pattern}])
+    with pytest.raises(BadRequest, match="invalid regex"):
+        clauses_from_adhoc([{"key": "model", "operator": "=~", "value": "("}])
+    start = time.monotonic()
+    assert filters.regexp("a.*b.*c.*d", "a" * 100_000) == 0  # subject cut to 4096 characters
+    assert time.monotonic() - start < 1.0
+    assert filters.regexp("^gam", "gamma-3") == 1 and filters.regexp(None, "x") == 0
+    with pytest.raises(ValueError):
+        filters.regexp("a" * 201, "a")
+
+
+def test_regex_filter_on_database_and_compiled_once(db):
+    filters._compile.cache_clear()
+    clauses = clauses_from_adhoc([{"key": "endpoint", "operator": "=~", "value": "responses$"}])
+    [row] = rows(query.execute(db, spec("summary", {}, clauses))[0])
+    assert row["requests"] == 10
+    info = filters._compile.cache_info()
+    assert info.misses == 1 and info.hits >= 10
+
+
+def test_where_sql_for_side_tables_skips_keys_they_lack():
+    clauses = (Clause("instance", "=", ("east",)), Clause("api_key", "=", ("k",)), Clause("search", "=", ("x",)))
+    sql, params = where_sql(clauses, filters.COLLECTOR_COLUMNS)
+    assert sql == "(coalesce(instance, '') IN (SELECT value FROM json_each(?)))" and params == ['["east"]']
+
+
+def test_query_limit_turns_into_unavailable(db):
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    start = time.monotonic()
+    with pytest.raises(Unavailable, match="longer than"):
+        query._limited(db, 0.2, lambda: db.execute(endless).fetchall())
+    assert time.monotonic() - start < 2.0
+    with pytest.raises(Unavailable, match="rows"):
+        old = query.ROW_LIMIT
+        query.ROW_LIMIT = 3
+        try:
+            query._limited(db, 5.0, lambda: db.execute("SELECT id FROM events").fetchall())
+        finally:
+            query.ROW_LIMIT = old
+
+
+def test_busy_database_is_unavailable(db):
+    import apsw
+
+    def busy():
+        raise apsw.BusyError("database is locked")
+    with pytest.raises(Unavailable, match="busy"):
+        query._limited(db, 1.0, busy)
+
+
+def test_variables_tag_keys_and_values(db):
+    window = (T10, T10 + HOUR)
+    assert query.variable_values(db, "provider", *window, ()) == [("claude", "claude"), ("codex", "codex")]
+    accounts = query.variable_values(db, "account", *window, ())
+    assert accounts == [("-", "-"), ("ali***@example.com", "aaaa000000000001"),
+                        ("bob***@example.com", "bbbb000000000002"), ("car***@example.com", "cccc000000000003")]
+    keys = query.variable_values(db, "api_key", *window, (), aliases={
+        "faa210d78e64b975e87ea4585883b7f8c8d5b0c95719a5d70ba0c3a348bc5e24": "ci-bot"})
+    assert [t for t, _ in keys] == ["sk******02", "ci-bot"]  # ordered by hash value
+    own = clauses_from_payload({"provider": "claude", "instance": "east"})
+    assert query.variable_values(db, "provider", *window, own) == [("claude", "claude")]  # own filter ignored
+    assert query.variable_values(db, "model", *window, own) == [("gamma-3", "gamma-3")]
+    status = query.variable_values(db, "status", *window, ())
+    assert [v for _, v in status] == ["success", "failed", "unusual", "200", "302", "401", "429", "500", "503"]
+    assert [v for _, v in query.variable_values(db, "cache", *window, ())] == ["hit", "miss", "read", "creation"]
+    with pytest.raises(BadRequest):
+        query.variable_values(db, "email", *window, ())
+    assert query.tag_keys() == list(filters.FILTER_KEYS)
+    assert query.tag_values(db, "instance", *window, ()) == ["default", "east"]
+    assert query.tag_values(db, "api_key", *window, ()) == ["sk******02", "sk******01"]
+    assert query.tag_values(db, "account", *window, (), mask_emails=True)[1] == "aaaa000000000001"
+    assert query.tag_values(db, "search", *window, ()) == []
+
+
+def test_metrics_catalogue_and_payload_options():
+    catalogue = {m["value"]: m for m in query.metrics()}
+    assert list(catalogue) == ["summary", "timeseries", "accounts", "api_keys", "requests", "breakdown",
+                               "account_actions", "usage", "collector", "annotations"]
+    payloads = {p["name"]: p for p in catalogue["timeseries"]["payloads"]}
+    assert payloads["measure"]["type"] == "select" and payloads["provider"]["type"] == "input"
+    assert {"label": "latency_p95", "value": "latency_p95"} in payloads["measure"]["options"]
+    assert [o["value"] for o in query.payload_options("usage", "by", {})] == ["model", "api_key", "account", "provider"]
+    with pytest.raises(BadRequest):
+        query.payload_options("usage", "measure", {})
+    with pytest.raises(BadRequest):
+        query.payload_options("nope", "by", {})
+
+
+def test_mask_emails_applies_to_labels(db):
+    frames = query.execute(db, spec("annotations", {"kind": "account_status"}), mask_emails=True)
+    assert rows(frames[0])[0]["title"] == "bob.json: active -> error"
+    frames = query.execute(db, spec("accounts"), mask_emails=True)
+    assert all("@" not in (r["account"] or "") or "***@" in r["account"] for r in rows(frames[0]))
