@@ -250,7 +250,7 @@ class _TextChunks:
                     break
             except ValueError as exc:
                 error = exc
-            if error is not None and (self.eof or len(buf) - pos > limit):
+            if error is not None and self.eof:
                 return buf, len(buf), Rejected(f"invalid JSON array: {error}", _keep(buf[pos:])), True
             if len(buf) - pos > limit:
                 return buf, len(buf), Rejected(f"array item longer than {limit} bytes", _keep(buf[pos:])), True
