@@ -59,7 +59,8 @@ def normalize_obj(obj: object, raw: bytes, *, instance: str = "default", pricer:
     try:
         if not isinstance(obj, dict):
             raise _Invalid(f"payload is a JSON {_json_type(obj)}, not an object")
-        obj = _checked(obj, 0)
+        if _needs_fix(obj, 0):
+            obj = _checked(obj, 0)
         control = _control(obj)
         if control:
             return control
@@ -86,6 +87,27 @@ def _json_type(obj: object) -> str:
     if isinstance(obj, (int, float)):
         return "number"
     return {str: "string", list: "array"}.get(type(obj), type(obj).__name__)
+
+
+def _needs_fix(value: Any, depth: int) -> bool:
+    """True when a string holds a lone surrogate; raises _Invalid past MAX_DEPTH levels."""
+    fix = False
+    stack = [(value, depth)]
+    while stack:
+        node, level = stack.pop()
+        if level > MAX_DEPTH:
+            raise _Invalid(f"payload JSON is nested deeper than {MAX_DEPTH} levels")
+        items = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        for item in items:
+            if isinstance(item, str):
+                fix = fix or (not item.isascii() and _has_surrogate(item))
+            elif isinstance(item, (dict, list)):
+                stack.append((item, level + 1))
+    return fix
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 def _checked(value: Any, depth: int) -> Any:

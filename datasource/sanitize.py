@@ -60,8 +60,14 @@ _META_LIMITS = {"client_ip": CLIENT_IP_MAX_BYTES, "x_forwarded_for": XFF_MAX_BYT
 _IDENTITY_KEYS = frozenset({"source", "account", "email"})
 
 
+# Every pass needs one of these substrings; text without any of them is returned as is.
+_MAYBE_SECRET = re.compile(r"auth|bearer|token|key|sk-|sess-|ghp_|github_pat_|aiza|hf_|pk_|rk_|cookie|@", _I)
+
+
 def redact_text(text: str) -> str:
     """Apply the eight redaction passes of reference 3.6 to free text."""
+    if not _MAYBE_SECRET.search(text):
+        return text
     for pattern, replacement in _PASSES:
         text = pattern.sub(replacement, text)
     return text
@@ -97,6 +103,16 @@ def clean_text(value: str | None, limit: int) -> str | None:
     """
     if not value:
         return None
+    if value.isprintable():  # fast path: the only blank rune is the ASCII space
+        cleaned = " ".join(part for part in value.split(" ") if part)
+    else:
+        cleaned = _clean_slow(value)
+    if len(cleaned.encode("utf-8")) > limit:
+        cleaned = truncate_bytes(cleaned, max(limit - 3, 0))
+    return cleaned or None
+
+
+def _clean_slow(value: str) -> str:
     out: list[str] = []
     pending_space = False
     for ch in value:
@@ -107,10 +123,7 @@ def clean_text(value: str | None, limit: int) -> str | None:
             out.append(" ")
             pending_space = False
         out.append(ch)
-    cleaned = "".join(out)
-    if len(cleaned.encode("utf-8")) > limit:
-        cleaned = truncate_bytes(cleaned, max(limit - 3, 0))
-    return cleaned or None
+    return "".join(out)
 
 
 def sha256_hex(value: str) -> str:
