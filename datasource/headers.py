@@ -77,7 +77,7 @@ def _dropped(name: str) -> bool:
         return True
     if "authorization" in name and name != "x-openai-authorization-error":
         return True
-    return "secret" in name or "set-cookie" in name or name == "cookie"
+    return any(m in name for m in ("secret", "set-cookie", "api-key", "apikey")) or name == "cookie"
 
 
 def header_values(raw: object) -> dict[str, str]:

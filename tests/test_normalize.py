@@ -470,3 +470,20 @@ def test_property_any_object_normalizes_without_raising(obj: dict) -> None:
 @given(st.binary(max_size=200))
 def test_property_arbitrary_bytes_never_raise(raw: bytes) -> None:
     assert isinstance(normalize(raw, now_ms=NOW), (Normalized, Control, Rejected))
+
+
+def test_planted_secrets_never_reach_the_row_or_raw_json() -> None:
+    payload = {
+        "timestamp": "2026-05-06T00:00:00Z", "provider": "openai", "model": "gpt-5.4",
+        "api_key": "sk-client-PLANTED1", "source": "sk-upstream-PLANTED2-abcdefgh", "failed": True,
+        "fail": {"status_code": 401, "body": '{"error":"bad key sk-PLANTED3x","authorization":"Bearer PLANTED4x"}'},
+        "response_headers": {"Authorization": ["Bearer PLANTED5x"], "Set-Cookie": ["sid=PLANTED6"],
+                             "X-Api-Key": ["PLANTED7"], "X-Request-Id": ["req_ok"]},
+        "access_token": "PLANTED8",
+    }
+    n = event(payload)
+    assert "PLANTED" not in json.dumps(n.row)
+    assert "PLANTED" not in n.private["raw_json"]
+    assert n.private["fail_body"] == payload["fail"]["body"]  # the private table keeps the raw body
+    assert n.row["source"] == "m:sk-u...efgh" and n.row["api_key_masked"] == "sk******D1"
+    assert n.row["trace_id"] == "req_ok"
