@@ -11,9 +11,8 @@ import logging
 import time
 from typing import Callable, Sequence
 
-import apsw
-
 from datasource import store, store_status
+from datasource.store import Connection
 from datasource.accounts import AccountDirectory, parse_credential_error
 from datasource.model import Control, InsertResult, Normalized, Rejected
 from datasource.normalize import normalize
@@ -22,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class Ingestor:
-    def __init__(self, conn: apsw.Connection, instance: str, directory: AccountDirectory | None = None,
+    def __init__(self, conn: Connection, instance: str, directory: AccountDirectory | None = None,
                  *, now: Callable[[], float] = time.time) -> None:
         self.conn = conn
         self.instance = instance

@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import apsw
+from datasource.store import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class StatusRow:
     updated_ms: int | None = None
 
 
-def write_status(conn: apsw.Connection, row: StatusRow) -> None:
+def write_status(conn: Connection, row: StatusRow) -> None:
     params = asdict(row)
     params["warnings"] = json.dumps(row.warnings) if row.warnings else None
     params["usage_publishing"] = None if row.usage_publishing is None else int(row.usage_publishing)
@@ -103,19 +103,19 @@ def write_status(conn: apsw.Connection, row: StatusRow) -> None:
         conn.execute(UPSERT_STATUS, params)
 
 
-def read_totals(conn: apsw.Connection, instance: str) -> tuple[int, int, int]:
+def read_totals(conn: Connection, instance: str) -> tuple[int, int, int]:
     """(inserted, duplicates, dead_letters) recorded for `instance`, zeros when there is no row."""
     found = conn.execute(SELECT_TOTALS, (instance,)).fetchone()
     return (int(found[0]), int(found[1]), int(found[2])) if found else (0, 0, 0)
 
 
-def write_standby(conn: apsw.Connection, instance: str, url: str, warning: str, now_ms: int) -> None:
+def write_standby(conn: Connection, instance: str, url: str, warning: str, now_ms: int) -> None:
     """Record a standby row for an upstream nobody has reported on yet (never overwrites the holder's)."""
     with conn:
         conn.execute(INSERT_STANDBY, (instance, url, json.dumps([warning]), now_ms))
 
 
-def read_status(conn: apsw.Connection) -> list[dict[str, Any]]:
+def read_status(conn: Connection) -> list[dict[str, Any]]:
     """Every upstream's status row; `warnings` as a list, `usage_publishing` as bool or None."""
     out = []
     for values in conn.execute(SELECT_STATUS):
@@ -127,25 +127,25 @@ def read_status(conn: apsw.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def open_episode(conn: apsw.Connection, instance: str, kind: str, start_ms: int, detail: str) -> int:
+def open_episode(conn: Connection, instance: str, kind: str, start_ms: int, detail: str) -> int:
     """A gap / error / dropped_subscription / reconnect episode; returns its id for close_episode."""
     with conn:
         conn.execute(INSERT_EPISODE, (instance, kind, start_ms, None, detail))
         return conn.last_insert_rowid()
 
 
-def add_episode(conn: apsw.Connection, instance: str, kind: str, start_ms: int, end_ms: int, detail: str) -> int:
+def add_episode(conn: Connection, instance: str, kind: str, start_ms: int, end_ms: int, detail: str) -> int:
     with conn:
         conn.execute(INSERT_EPISODE, (instance, kind, start_ms, end_ms, detail))
         return conn.last_insert_rowid()
 
 
-def close_episode(conn: apsw.Connection, episode_id: int, end_ms: int) -> None:
+def close_episode(conn: Connection, episode_id: int, end_ms: int) -> None:
     with conn:
         conn.execute(CLOSE_EPISODE, (end_ms, episode_id))
 
 
-def upsert_accounts(conn: apsw.Connection, instance: str, rows: Sequence[dict[str, Any]], now_ms: int) -> int:
+def upsert_accounts(conn: Connection, instance: str, rows: Sequence[dict[str, Any]], now_ms: int) -> int:
     """Write the auth-file rows for `instance`; record each status change. Returns the changes."""
     changes = 0
     with conn:
@@ -160,7 +160,7 @@ def upsert_accounts(conn: apsw.Connection, instance: str, rows: Sequence[dict[st
     return changes
 
 
-def insert_credential_error(conn: apsw.Connection, row: dict[str, Any], body: str | None) -> int:
+def insert_credential_error(conn: Connection, row: dict[str, Any], body: str | None) -> int:
     """One credential error event; the raw body goes to credential_error_private only."""
     with conn:
         conn.execute(INSERT_CREDENTIAL_ERROR, row)

@@ -94,7 +94,7 @@ def test_two_collector_processes_on_one_database_only_one_consumes(server, db_pa
 
 
 def test_sigterm_during_ingestion_leaves_no_half_batch_and_restart_resumes(server, db_path):
-    total, batch = 20000, 200
+    total, batch = 6000, 100
     enqueue_many(server, 0, total)
     proc = collect(db_path, server.url, "--batch-size", str(batch))
     try:
