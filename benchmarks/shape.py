@@ -105,8 +105,9 @@ def payloads(n: int, start_ms: int, end_ms: int, *, seed: int = 6, own_shape: bo
         except ImportError:
             pass
         else:
-            for event in TrafficGenerator(seed=seed).events(n, start_ms, end_ms):
-                yield event if isinstance(event, bytes) else json.dumps(event, separators=(",", ":")).encode()
+            generator = TrafficGenerator(seed=seed, accounts=N_ACCOUNTS, api_keys=N_KEYS, models=12,
+                                         failure_rate=FAILURE_RATE)
+            yield from generator.events(n, start_ms, end_ms)
             return
     for event in Shape(seed).events(n, start_ms, end_ms):
         yield json.dumps(event, separators=(",", ":")).encode()

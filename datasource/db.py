@@ -255,8 +255,7 @@ CREATE TABLE rollup_traffic_hour (
     norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
     total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
     latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
-    ttft_sketch BLOB,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
     PRIMARY KEY (bucket_ms, instance, provider, analytics_model, request_type, status_class, status_code, failed, failure_type, cache_state)
 ) WITHOUT ROWID;
 CREATE TABLE rollup_traffic_day (
@@ -270,8 +269,7 @@ CREATE TABLE rollup_traffic_day (
     norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
     total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
     latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
-    ttft_sketch BLOB,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
     PRIMARY KEY (bucket_ms, instance, provider, analytics_model, request_type, status_class, status_code, failed, failure_type, cache_state)
 ) WITHOUT ROWID;
 CREATE TABLE rollup_account_hour (
@@ -297,8 +295,7 @@ CREATE TABLE rollup_account_day (
     norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
     total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
     latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
-    ttft_sketch BLOB,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
     PRIMARY KEY (bucket_ms, instance, account_key, analytics_model, provider, status_class, failed)
 ) WITHOUT ROWID;
 CREATE TABLE rollup_api_key_day (
@@ -313,6 +310,47 @@ CREATE TABLE rollup_api_key_day (
     latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
     first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
     PRIMARY KEY (bucket_ms, instance, api_key_hash, account_key, analytics_model, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_account_latency_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, provider TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, account_key, provider)
 ) WITHOUT ROWID;
 """
 

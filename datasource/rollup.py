@@ -44,20 +44,27 @@ class RollupSpec:
     sketches: bool
 
 
-# Chosen by measuring the benchmark shape (benchmarks/README.md): a key with
+# Chosen by measuring the benchmark shape (see docs/performance.md): a key with
 # account x api key x model is nearly one row per event even per day, so the
 # identities are split: accounts (x model) hourly and daily, api keys daily.
+# Sketches live only in narrow tables (few keys per batch to merge on write,
+# few blobs to merge on read): per model, and per account by day.
 _TRAFFIC = ("instance", "provider", "analytics_model", "request_type", "status_class",
             "status_code", "failed", "failure_type", "cache_state")
 _ACCOUNT = ("instance", "account_key", "analytics_model", "provider", "status_class", "failed")
 _API_KEY = ("instance", "api_key_hash", "account_key", "analytics_model", "failed")
+_LATENCY = ("instance", "provider", "analytics_model", "failed")
+_ACCOUNT_LATENCY = ("instance", "account_key", "provider")
 
 SPECS: tuple[RollupSpec, ...] = (
-    RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, True),
-    RollupSpec("rollup_traffic_day", DAY_MS, _TRAFFIC, True),
+    RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, False),
+    RollupSpec("rollup_traffic_day", DAY_MS, _TRAFFIC, False),
     RollupSpec("rollup_account_hour", HOUR_MS, _ACCOUNT, False),
-    RollupSpec("rollup_account_day", DAY_MS, _ACCOUNT, True),
+    RollupSpec("rollup_account_day", DAY_MS, _ACCOUNT, False),
     RollupSpec("rollup_api_key_day", DAY_MS, _API_KEY, False),
+    RollupSpec("rollup_latency_hour", HOUR_MS, _LATENCY, True),
+    RollupSpec("rollup_latency_day", DAY_MS, _LATENCY, True),
+    RollupSpec("rollup_account_latency_day", DAY_MS, _ACCOUNT_LATENCY, True),
 )
 SPEC_BY_TABLE = {spec.table: spec for spec in SPECS}
 MAX_GRAIN_MS = max(spec.grain_ms for spec in SPECS)
@@ -117,30 +124,16 @@ SELECT_PRUNED_BEFORE = "SELECT max(ts_ms) FROM event_ledger WHERE ts_ms < ?"
 # --- aggregation -------------------------------------------------------------------
 
 
-class _Acc:
-    """The running aggregate of one rollup key."""
-
-    __slots__ = ("sums", "first", "last", "last_failure", "latency", "ttft")
-
-    def __init__(self, sketches: bool) -> None:
-        self.sums = [0] * _N
-        self.first: int | None = None
-        self.last: int | None = None
-        self.last_failure: int | None = None
-        self.latency = Sketch() if sketches else None
-        self.ttft = Sketch() if sketches else None
-
-
-def _measures(row: Mapping[str, Any]) -> list[Any]:
+def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
     failed = 1 if row.get("failed") else 0
     latency = row.get("latency_ms") or 0
     ttft = row.get("ttft_ms") or 0
     lat_ok = latency > 0
     ttft_ok = ttft > 0
-    return ([1, 1 - failed, failed, 1 if row.get("status_class") == "unusual" else 0]
-            + [row.get(c) or 0 for c in TOKEN_COLUMNS]
-            + [_nano(row.get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
-               ttft if ttft_ok else 0, 1 if ttft_ok else 0])
+    return ((1, 1 - failed, failed, 1 if row.get("status_class") == "unusual" else 0)
+            + tuple(row.get(c) or 0 for c in TOKEN_COLUMNS)
+            + (_nano(row.get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
+               ttft if ttft_ok else 0, 1 if ttft_ok else 0))
 
 
 def _nano(usd: float | None) -> int:
@@ -155,52 +148,53 @@ def _nano(usd: float | None) -> int:
     return int(scaled + (0.5 if scaled >= 0 else -0.5))
 
 
-def _dim(row: Mapping[str, Any], name: str) -> Any:
-    value = row.get(name)
-    if value is None:
-        return _DIM_DEFAULTS[name]
-    if name == "failed":
-        return 1 if value else 0
-    return value
-
-
-def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[tuple[Any, ...], _Acc]]:
-    """Per rollup table: key (bucket_ms, dims...) -> accumulated measures."""
-    out: dict[str, dict[tuple[Any, ...], _Acc]] = {spec.table: {} for spec in SPECS}
-    for row in rows:
-        ts = row["ts_ms"]
-        values = _measures(row)
-        failed = values[2]
-        latency, ttft = row.get("latency_ms"), row.get("ttft_ms")
-        dims = {name: _dim(row, name) for name in _DIM_DEFAULTS}
-        for spec in SPECS:
-            key = (ts - ts % spec.grain_ms,) + tuple(dims[d] for d in spec.dims)
-            table = out[spec.table]
-            acc = table.get(key)
-            if acc is None:
-                acc = table[key] = _Acc(spec.sketches)
-            sums = acc.sums
-            for i in range(_N):
-                sums[i] += values[i]
-            if acc.first is None or ts < acc.first:
-                acc.first = ts
-            if acc.last is None or ts > acc.last:
-                acc.last = ts
-            if failed and (acc.last_failure is None or ts > acc.last_failure):
-                acc.last_failure = ts
-            if acc.latency is not None:
-                acc.latency.add(latency)
-                acc.ttft.add(ttft)  # type: ignore[union-attr]
+def _dims(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, default in _DIM_DEFAULTS.items():
+        value = row.get(name)
+        out[name] = default if value is None else value
+    out["failed"] = 1 if out["failed"] else 0
     return out
 
 
-def _params(key: tuple[Any, ...], acc: _Acc) -> tuple[Any, ...]:
-    base = key + tuple(acc.sums) + (acc.first, acc.last, acc.last_failure)
-    if acc.latency is None:
-        return base
-    lat = acc.latency.to_bytes() if acc.latency.count else None
-    ttft = acc.ttft.to_bytes() if acc.ttft is not None and acc.ttft.count else None
-    return base + (lat, ttft)
+def _sketch_blob(values: Iterable[Any]) -> bytes | None:
+    sk = Sketch()
+    sk.extend(values)
+    return sk.to_bytes() if sk.count else None
+
+
+def upsert_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
+    """Per rollup table, one upsert parameter tuple per key: (bucket, dims, measures, times, sketches).
+
+    Rows are grouped first and each group summed column-wise, which keeps the
+    per-row Python work to one key per table.
+    """
+    measures = [_measures(row) for row in rows]
+    stamps = [row["ts_ms"] for row in rows]
+    groups: dict[str, dict[tuple[Any, ...], list[int]]] = {spec.table: {} for spec in SPECS}
+    for n, row in enumerate(rows):
+        ts = stamps[n]
+        dims = _dims(row)
+        for spec in SPECS:
+            key = (ts - ts % spec.grain_ms,) + tuple(dims[d] for d in spec.dims)
+            groups[spec.table].setdefault(key, []).append(n)
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for spec in SPECS:
+        params = []
+        for key, members in groups[spec.table].items():
+            if len(members) == 1:
+                sums: tuple[Any, ...] = measures[members[0]]
+            else:
+                sums = tuple(map(sum, zip(*(measures[n] for n in members))))
+            times = [stamps[n] for n in members]
+            failed = [stamps[n] for n in members if measures[n][2]]
+            param = key + sums + (min(times), max(times), max(failed) if failed else None)
+            if spec.sketches:
+                param += (_sketch_blob(rows[n].get("latency_ms") for n in members),
+                          _sketch_blob(rows[n].get("ttft_ms") for n in members))
+            params.append(param)
+        out[spec.table] = params
+    return out
 
 
 # --- maintenance -------------------------------------------------------------------
@@ -224,9 +218,9 @@ def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         return 0
     register_functions(conn)
     written = 0
-    for table, accs in aggregate(rows).items():
-        conn.executemany(_UPSERT[table], [_params(k, a) for k, a in accs.items()])
-        written += len(accs)
+    for table, params in upsert_params(rows).items():
+        conn.executemany(_UPSERT[table], params)
+        written += len(params)
     return written
 
 

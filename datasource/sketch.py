@@ -138,16 +138,27 @@ def _put_varint(out: bytearray, n: int) -> None:
 def encode(bins: Mapping[int, int]) -> bytes:
     """Sparse bytes: version, bucket count, then (index delta, count) varint pairs."""
     out = bytearray((FORMAT_VERSION,))
-    items = sorted((i, c) for i, c in bins.items() if c)
-    _put_varint(out, len(items))
-    prev = None
-    for i, c in items:
-        if prev is None:
-            _put_varint(out, (i << 1) ^ (i >> 63))  # zigzag: small negatives stay small
+    keys = sorted(i for i, c in bins.items() if c) if 0 in bins.values() else sorted(bins)
+    _put_varint(out, len(keys))
+    if not keys:
+        return bytes(out)
+    first = keys[0]
+    _put_varint(out, (first << 1) ^ (first >> 63))  # zigzag: small negatives stay small
+    prev = first
+    append = out.append
+    for i in keys:
+        if i != first:
+            delta = i - prev
+            if delta < 0x80:
+                append(delta)
+            else:
+                _put_varint(out, delta)
+            prev = i
+        c = bins[i]
+        if c < 0x80:
+            append(c)
         else:
-            _put_varint(out, i - prev)
-        _put_varint(out, c)
-        prev = i
+            _put_varint(out, c)
     return bytes(out)
 
 
@@ -180,16 +191,29 @@ def decode(data: bytes) -> dict[int, int]:
     return bins
 
 
+# Decoded bins of blobs merge_bytes() produced lately, keyed by the blob itself, so
+# the next merge into the same rollup row skips decoding (the writer merges into
+# the same day's blob batch after batch). Content-keyed, so never stale; bounded.
+_recent: dict[bytes, dict[int, int]] = {}
+_RECENT_MAX = 4096
+
+
 def merge_bytes(a: bytes | None, b: bytes | None) -> bytes | None:
     """Merge two serialized sketches (either may be None); the SQL merge function."""
     if not a:
         return b
     if not b:
         return a
-    bins = decode(a)
+    bins = _recent.pop(a, None)
+    if bins is None:
+        bins = decode(a)
     for i, c in decode(b).items():
         bins[i] = bins.get(i, 0) + c
-    return encode(bins)
+    merged = encode(bins)
+    if len(_recent) >= _RECENT_MAX:
+        _recent.clear()
+    _recent[merged] = bins
+    return merged
 
 
 def merge_all(blobs: Iterable[bytes | None]) -> Sketch:

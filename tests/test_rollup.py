@@ -143,7 +143,7 @@ def test_hand_computed_hour(conn):
         (T0,)).fetchone()
     assert row == (4, 3, 1, 400, 440, 1_000_000_000, 4500, 3, 300, 2, T0 + 1000, T0 + 4000, T0 + 4000)
     success = conn.execute(
-        "SELECT requests, latency_sketch, last_failure_ms FROM rollup_traffic_hour "
+        "SELECT requests, latency_sketch, last_failure_ms FROM rollup_latency_hour "
         "WHERE bucket_ms = ? AND failed = 0", (T0,)).fetchone()
     assert success[0] == 3 and success[2] is None
     sk = Sketch.from_bytes(success[1])
@@ -213,7 +213,7 @@ def test_apply_nothing_and_rebuild_empty(conn):
 def test_corrupt_sketch_rolls_back_the_whole_batch(conn):
     common = {"provider": "codex", "analytics_model": "gpt-5.4", "status_code": 200}
     store.insert_batch(conn, [make_event(1, T0 + 10, latency_ms=100, **common)], origin="test")
-    conn.execute("UPDATE rollup_traffic_hour SET latency_sketch = x'ff00'")
+    conn.execute("UPDATE rollup_latency_hour SET latency_sketch = x'ff00'")
     with pytest.raises(SketchError):
         store.insert_batch(conn, [make_event(2, T0 + 20, latency_ms=200, **common)], origin="test")
     assert conn.execute("SELECT count(*), count(*) FILTER (WHERE 1) FROM events").fetchone() == (1, 1)

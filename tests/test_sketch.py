@@ -172,3 +172,15 @@ def test_bucket_bounds_hold_the_accuracy() -> None:
         assert abs(mid - high) / high <= TOLERANCE and abs(mid - low) / low <= TOLERANCE
     assert sketch.bucket_index(1.0) == 0
     assert sketch.bucket_index(1.03) == 2  # gamma ~ 1.0202: 1.03 lies in (gamma, gamma^2]
+
+
+def test_merge_bytes_reuse_of_recent_results_is_never_stale() -> None:
+    # The same merged blob content reached from two rows, then merged onward differently.
+    a = sketch.merge_bytes(Sketch({1: 1}).to_bytes(), Sketch({2: 1}).to_bytes())
+    b = sketch.merge_bytes(Sketch({1: 1}).to_bytes(), Sketch({2: 1}).to_bytes())
+    assert a == b
+    left = sketch.merge_bytes(a, Sketch({3: 4}).to_bytes())
+    right = sketch.merge_bytes(b, Sketch({1: 2}).to_bytes())
+    assert sketch.decode(left) == {1: 1, 2: 1, 3: 4}
+    assert sketch.decode(right) == {1: 3, 2: 1}
+    assert sketch.decode(sketch.merge_bytes(left, left)) == {1: 2, 2: 2, 3: 8}
