@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from datasource import __version__
-from datasource import cmd_collect, cmd_serve, cmd_store
+from datasource import cmd_collect, cmd_demo, cmd_serve, cmd_store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +14,6 @@ def cli() -> None:
     """CPA Monitor: collect CLIProxyAPI usage events and serve them to Grafana."""
 
 
-for _module in (cmd_store, cmd_collect, cmd_serve):
+for _module in (cmd_store, cmd_collect, cmd_serve, cmd_demo):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
