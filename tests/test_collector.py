@@ -307,3 +307,29 @@ def test_stop_is_prompt(server, settings):
     svc.stop()
     assert time.monotonic() - started < 2.0
     assert not svc.holds_lock()
+
+
+def test_outage_longer_than_retention_is_recorded_as_a_gap(settings):
+    from redis_server import free_port
+    port = free_port()
+    first = FakeCPA(KEY, retention_s=1, port=port)
+    first.start()
+    svc = service(settings_for(settings, first.url, collector_mode="resp"))
+    try:
+        wait_for(lambda: status(settings.db).get("state") == "running")
+        first.stop()
+        wait_for(lambda: status(settings.db).get("state") == "error")
+        time.sleep(1.2)
+        second = FakeCPA(KEY, retention_s=1, port=port)
+        second.start()
+        try:
+            wait_for(lambda: status(settings.db).get("state") == "running", timeout=8)
+            second.publish(event(7))
+            wait_for(lambda: event_count(settings.db) == 1)
+        finally:
+            second.stop()
+        episodes = query(settings.db, "SELECT kind, start_ms <= end_ms, end_ms - start_ms >= 1000 "
+                                      "FROM collector_episodes ORDER BY id")
+        assert episodes == [("error", 1, 1), ("reconnect", 1, 0), ("gap", 1, 1)]
+    finally:
+        svc.stop()
