@@ -29,6 +29,7 @@ def demo(settings: Settings, seed: int | None, backfill_minutes: int) -> None:
         stack.stop()
         raise click.ClickException(str(exc)) from None
     click.echo(f"demo CPA (stand-in)   {served.cpa_url}  management key {served.cpa_management_key}")
+    click.echo(f"queue (embedded Redis) 127.0.0.1:{stack.redis.port}")
     click.echo(f"Grafana datasource    http://{served.bind}  (from a Grafana container: "
                f"http://host.docker.internal:{served.bind.rsplit(':', 1)[-1]})")
     click.echo(f"data directory        {os.path.dirname(os.path.abspath(served.db))}  (database {served.db})")
