@@ -9,7 +9,6 @@ mode, forwarded byte for byte to a real Redis server; HTTP serves the management
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import socket
 import threading
@@ -289,7 +288,3 @@ class _BackendClient:
         self.rfile.close()
         self.sock.close()
 
-
-def dumps(payload: dict[str, Any]) -> bytes:
-    """Compact JSON bytes the way CPA marshals an event."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()

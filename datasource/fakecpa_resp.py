@@ -205,7 +205,7 @@ class RespSession:
         channel = bulk(sub.channel)
         while True:
             payload = sub.buffer.get()
-            if payload is None or sub.dropped and self._closing:
+            if payload is None:
                 return
             try:
                 self.send(array([bulk("message"), channel, bulk(payload)]))
