@@ -1,0 +1,153 @@
+"""Dashboard refresh times over HTTP against a gunicorn `cpa-monitor serve` on a dataset.
+
+    python3 -m benchmarks.generate --events 100000 --db /tmp/bench-100k.db
+    python3 -m benchmarks.bench_query --db /tmp/bench-100k.db --runs 7
+
+For every dashboards/*.json, every range (1h, 24h, 7d, 30d ending at the dataset's last
+event) and both filter states (all; one account + one model, the busiest pair), the
+panels' /query bodies are built the way Grafana sends them (tests/grafana_sim.py) and
+posted concurrently (6 connections, like a browser). A refresh is the wall time until
+every panel has answered. Prints median and p95 refresh per case and the slowest panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import grafana_sim  # noqa: E402
+
+RANGES = {"1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000, "30d": 30 * 86_400_000}
+CONCURRENCY = 6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(db: str, port: int, threads: int = 8) -> subprocess.Popen[bytes]:
+    """`python -m datasource serve` (gunicorn, collector off); returns once GET / answers."""
+    env = dict(os.environ, CPA_MONITOR_DB=db, CPA_MONITOR_BIND=f"127.0.0.1:{port}", CPA_MONITOR_COLLECTOR="off",
+               CPA_MONITOR_THREADS=str(threads), CPA_MONITOR_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([sys.executable, "-m", "datasource", "serve"], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("cpa-monitor serve did not answer within 30 s")
+
+
+def post(port: int, route: str, body: dict[str, Any]) -> tuple[float, int]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    return time.perf_counter() - start, status
+
+
+def busiest(db: str) -> tuple[int, str, str]:
+    """(last event ms, busiest account_key, its busiest model) of the dataset."""
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        last = conn.execute("SELECT max(ts_ms) FROM events").fetchone()[0]
+        account, model = conn.execute(
+            "SELECT account_key, analytics_model FROM rollup_account_day "
+            "GROUP BY 1, 2 ORDER BY sum(requests) DESC LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    return last, account, model
+
+
+def panel_bodies(dash: dict[str, Any], from_ms: int, to_ms: int, account: str | None,
+                 model: str | None) -> list[tuple[str, dict[str, Any]]]:
+    state = grafana_sim.state_from_dashboard(dash, from_ms, to_ms)
+    for name, value in (("account", account), ("model", model)):
+        if value is not None and name in state.variables:
+            state.variables[name].value = [value]
+    out = []
+    for panel in dash.get("panels", []):
+        if panel.get("targets"):
+            out.append((panel.get("title", str(panel["id"])), grafana_sim.query_body(dash, panel, state)))
+    return out
+
+
+def refresh(port: int, bodies: list[tuple[str, dict[str, Any]]],
+            pool: ThreadPoolExecutor) -> tuple[float, list[tuple[float, str, int]]]:
+    start = time.perf_counter()
+    results = list(pool.map(lambda tb: (*post(port, "/query", tb[1]), tb[0]), bodies))
+    wall = time.perf_counter() - start
+    return wall, [(t, title, status) for t, status, title in results]
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, -(-len(ordered) * 95 // 100) - 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--dashboards", default=str(ROOT / "dashboards" / "*.json"))
+    args = parser.parse_args(argv)
+    last, account, model = busiest(args.db)
+    port = free_port()
+    server = start_server(args.db, port)
+    errors = 0
+    try:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            print(f"dataset {args.db}: filter account={account} model={model}; {args.runs} runs per case")
+            print(f"{'dashboard':<28}{'range':>6} {'filter':<9}{'median ms':>10}{'p95 ms':>9}  slowest panel")
+            for path in sorted(glob.glob(args.dashboards)):
+                dash = json.loads(Path(path).read_text())
+                for label, span in RANGES.items():
+                    for filt, (acc, mod) in (("all", (None, None)), ("acct+mdl", (account, model))):
+                        bodies = panel_bodies(dash, last + 1 - span, last + 1, acc, mod)
+                        refresh(port, bodies, pool)  # warm-up: page cache and statement cache
+                        walls, slowest = [], (0.0, "", 0)
+                        for _ in range(args.runs):
+                            wall, panels = refresh(port, bodies, pool)
+                            walls.append(wall)
+                            errors += sum(1 for _, _, status in panels if status != 200)
+                            slowest = max([slowest] + panels)
+                        print(f"{dash['uid']:<28}{label:>6} {filt:<9}{statistics.median(walls) * 1e3:10.0f}"
+                              f"{p95(walls) * 1e3:9.0f}  {slowest[1]} {slowest[0] * 1e3:.0f} ms")
+    finally:
+        server.terminate()
+        server.wait(15)
+    if errors:
+        print(f"{errors} panel requests did not answer 200")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
