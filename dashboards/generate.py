@@ -102,7 +102,7 @@ def monitoring() -> dict[str, Any]:
         row("Where do failures concentrate?"),
         timeseries("Requests vs failures by status class", by_class, "short",
                    overrides=[override("requests", ("displayName", "all requests"))]),
-        timeseries("Success rate", [target("A", "timeseries", V, measure="success_rate")], "percentunit",
+        timeseries("Success rate over time", [target("A", "timeseries", V, measure="success_rate")], "percentunit",
                    min=0, max=1, thresholds={"mode": "absolute", "steps": RATE_STEPS}),
         timeseries("Latency p50 / p95 / p99", latency, "ms", w=8),
         timeseries("Failures by failure type",
@@ -117,7 +117,7 @@ def monitoring() -> dict[str, Any]:
               description="Worst accounts first. Click an account to filter to it or open its action."),
         table("API Key Summary", target("A", "api_keys", V), key_overrides, h=8,
               description="Caller keys by requests. Click a key to open its usage."),
-        row("Requests"), _request_table(),
+        row("Request detail"), _request_table(),
     ]
     annos = [annotation("Failure spikes", RED, "failure_spikes", V),
              annotation("Collector gaps", ORANGE, "collector_gaps", ["instance"])]
