@@ -82,8 +82,9 @@ def monitoring() -> dict[str, Any]:
              ("success_rate", "Success rate", "percentunit"), ("p95_latency_ms", "p95 latency", "ms"),
              ("avg_latency_ms", "Avg latency", "ms"), ("total_tokens", "Tokens", "short"),
              ("est_cost_usd", "Est. cost", "currencyUSD")]
-    by_class = [target("A", "timeseries", V, measure="requests"),
-                target("B", "timeseries", V, measure="failures", split_by="status_class")]
+    by_class = [target("A", "timeseries", V, measure="requests", split_by="status_class")]
+    class_colors = [override(name, ("color", {"mode": "fixed", "fixedColor": color}))
+                    for name, color in (("success", GREEN), ("failed", RED))]
     latency = [target(r, "timeseries", V, measure=m)
                for r, m in (("A", "latency_p50"), ("B", "latency_p95"), ("C", "latency_p99"))]
     account_overrides = [
@@ -101,7 +102,8 @@ def monitoring() -> dict[str, Any]:
         row("Summary (change vs the previous window)"), *_summary_cards(cards),
         row("Where do failures concentrate?"),
         timeseries("Requests vs failures by status class", by_class, "short",
-                   overrides=[override("requests", ("displayName", "all requests"))]),
+                   overrides=class_colors,
+                   stack=True),
         timeseries("Success rate over time", [target("A", "timeseries", V, measure="success_rate")], "percentunit",
                    min=0, max=1, thresholds={"mode": "absolute", "steps": RATE_STEPS}),
         timeseries("Latency p50 / p95 / p99", latency, "ms", w=8),
