@@ -83,8 +83,8 @@ def monitoring() -> dict[str, Any]:
              ("avg_latency_ms", "Avg latency", "ms"), ("total_tokens", "Tokens", "short"),
              ("est_cost_usd", "Est. cost", "currencyUSD")]
     by_class = [target("A", "timeseries", V, measure="requests", split_by="status_class")]
-    class_colors = [override(name, ("color", {"mode": "fixed", "fixedColor": color}))
-                    for name, color in (("success", GREEN), ("failed", RED))]
+    class_colors = [override(f"/^{name}$/", ("color", {"mode": "fixed", "fixedColor": color}), regex=True)
+                    for name, color in (("success", GREEN), ("failed", RED), ("unusual", ORANGE))]
     latency = [target(r, "timeseries", V, measure=m)
                for r, m in (("A", "latency_p50"), ("B", "latency_p95"), ("C", "latency_p99"))]
     account_overrides = [
