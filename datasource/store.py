@@ -142,7 +142,12 @@ def _enrich(
     instance: str,
     cache: dict[tuple[str, str], tuple[Any, ...] | None],
 ) -> dict[str, Any]:
-    """A copy of `row` with empty account fields filled from the accounts table."""
+    """A copy of `row` with account fields filled from CPA's auth files (the accounts table).
+
+    The auth file's account/label replaces the masked `source` that normalize put in
+    `account` as a fallback (reference 3.5 precedence: account, label, then source);
+    auth file, project and provider fill only empty fields.
+    """
     out = dict(row)
     auth_index = out.get("auth_index")
     if not auth_index:
@@ -154,7 +159,7 @@ def _enrich(
     if found is None:
         return out
     name, label, account, provider, project_id = found
-    if not out.get("account") and (account or label):
+    if account or label:
         out["account"] = account or label
     if not out.get("auth_file") and name:
         out["auth_file"] = name
