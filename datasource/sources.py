@@ -51,6 +51,21 @@ class Unsupported(SourceError):
     """The upstream does not offer this transport (HTTP 404/405/501, unknown command)."""
 
 
+class BadReply(SourceError):
+    """HTTP 200 from the usage queue whose body is not a JSON array: kept as a dead letter.
+
+    CPA's pops are destructive, so the body may be the only copy of what was popped; the
+    collector stores it (first 64 KiB) with `reason` before it backs off.
+    """
+
+    MAX_BODY = 64 * 1024
+
+    def __init__(self, reason: str, body: bytes) -> None:
+        super().__init__("http", reason)
+        self.reason = reason
+        self.body = body[:self.MAX_BODY]
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
@@ -257,10 +272,20 @@ class HttpManagement:
             raise SourceError("http", f"GET {path}: response is not JSON") from exc
 
     def usage_queue(self, count: int) -> list[bytes]:
-        """GET /v0/management/usage-queue?count=N -> raw items (JSON-string items unwrapped)."""
-        data = self._json(f"/v0/management/usage-queue?count={int(count)}")
+        """GET /v0/management/usage-queue?count=N -> raw items (JSON-string items unwrapped).
+
+        A body that is not JSON, or JSON that is not an array, raises BadReply with the body.
+        Elements that are neither objects nor strings come back as their JSON text, so the
+        normalizer dead-letters them one by one instead of failing the whole popped batch.
+        """
+        path = f"/v0/management/usage-queue?count={int(count)}"
+        reply = self._request("GET", path)
+        try:
+            data = json.loads(reply.body)
+        except ValueError:
+            raise BadReply(f"GET {path}: HTTP {reply.status} reply is not JSON", reply.body) from None
         if not isinstance(data, list):
-            raise SourceError("http", "usage-queue did not return a JSON array")
+            raise BadReply(f"GET {path}: reply is a JSON {_json_kind(data)}, not an array", reply.body)
         return [item for item in (_queue_item(v) for v in data) if item]
 
     def config(self) -> dict[str, Any]:
@@ -282,12 +307,19 @@ class HttpManagement:
         return bool(value)
 
 
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", str: "string", list: "array"}.get(type(value), "null")
+
+
 def _queue_item(value: Any) -> bytes | None:
     """An element of the usage-queue array: objects stay raw JSON, strings are unwrapped."""
     if value is None:
         return None
     if isinstance(value, str):
         return value.encode("utf-8") if value.strip() else None
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raise SourceError("http", f"usage-queue item of unexpected type {type(value).__name__}")
+    # objects stay objects; numbers, booleans and arrays become dead letters in the normalizer
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from datasource import store_status
+from datasource import store, store_status
 from datasource.accounts import AccountDirectory
 from datasource.config import Settings
 from datasource.db import open_database
 from datasource.ingest import Ingestor
-from datasource.model import InsertResult
-from datasource.sources import (ERRORS, USAGE, AuthError, HttpManagement, RespConnection, RespSubscriber,
-                                SourceError, Unsupported)
+from datasource.model import InsertResult, Rejected
+from datasource.sources import (ERRORS, USAGE, AuthError, BadReply, HttpManagement, RespConnection,
+                                RespSubscriber, SourceError, Unsupported)
 from datasource.store_status import StatusRow
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class UpstreamLoop:
         self.conn = None
         self.ingestor: Ingestor | None = None
         self.pings = 0
+        self.store_down_since_ms: int | None = None
+        self.store_episode: int | None = None
+        self.store_retries = 0
 
     # --- plumbing -------------------------------------------------------------
     def now_ms(self) -> int:
@@ -94,7 +97,11 @@ class UpstreamLoop:
         for field_name, value in changes.items():
             setattr(self.status, field_name, value)
         self.status.updated_ms = self.now_ms()
-        store_status.write_status(self.conn, self.status)
+        try:  # best effort: a full or read-only database must not stop the loop (the row is rewritten next time)
+            store_status.write_status(self.conn, self.status)
+        except store.StoreError as exc:
+            logger.warning("%s: cannot write the collector status (%s); state %s, last error %s", self.name,
+                           exc, self.status.state, self.status.last_error)
 
     # --- thread body ------------------------------------------------------------
     def open_store(self) -> bool:
@@ -226,9 +233,67 @@ class UpstreamLoop:
             self.save()
 
     def consume(self, raws: list[bytes]) -> int:
-        assert self.ingestor is not None
-        self.record(self.ingestor.usage(raws), len(raws))
+        ingestor = self.ingestor
+        assert ingestor is not None
+        self.record(self.store_held(lambda: ingestor.usage(raws), len(raws)), len(raws))
         return len(raws)
+
+    def store_held(self, write: Callable[[], InsertResult], held: int) -> InsertResult:
+        """Run `write` (one batch transaction) until it commits. CPA's pops are destructive, so
+        a popped batch that the store refuses (disk full, read-only, locked past the busy
+        timeout) stays in memory and is retried with backoff; the transaction rolled back, so
+        a retry cannot store anything twice. Only stopping gives up, after one last try."""
+        last_try = False
+        while True:
+            try:
+                result = write()
+            except store.StoreError as exc:
+                if last_try:
+                    logger.error("%s: stopping with %d popped items not stored: %s", self.name, held, exc)
+                    raise
+                self.store_failed(exc, held)
+                self.wait_backoff()
+                last_try = self.stop.is_set()
+                continue
+            if self.store_down_since_ms is not None:
+                self.store_recovered(held)
+            return result
+
+    def store_failed(self, exc: Exception, held: int) -> None:
+        now = self.now_ms()
+        self.store_retries += 1
+        message = f"{exc.__class__.__name__}: {exc}; holding {held} popped items, retrying"
+        if self.store_down_since_ms is None:
+            self.store_down_since_ms = now
+            try:
+                self.store_episode = store_status.open_episode(self.conn, self.name, "error", now, f"store: {message}")
+            except store.StoreError:
+                self.store_episode = None  # written whole when the store is back
+        logger.warning("%s: store error: %s", self.name, message)
+        self.save(state="error", last_error=message, last_error_stage="store", last_error_ms=now)
+
+    def store_recovered(self, held: int) -> None:
+        now, since = self.now_ms(), self.store_down_since_ms or self.now_ms()
+        if self.store_episode is not None:
+            store_status.close_episode(self.conn, self.store_episode, now)
+        else:
+            store_status.add_episode(self.conn, self.name, "error", since, now,
+                                     f"store: {self.status.last_error or 'store refused writes'}")
+        self.store_down_since_ms, self.store_episode = None, None
+        self.backoff_s = self.timing.backoff_initial_s
+        logger.info("%s: store writable again after %.1f s; %d held items stored", self.name,
+                    (now - since) / 1000, held)
+        self.save(state="running")
+
+    def http_pop(self, client: HttpManagement) -> list[bytes]:
+        """One usage-queue pop; a reply that is not a JSON array is kept as a dead letter, then raised."""
+        try:
+            return client.usage_queue(self.settings.batch_size)
+        except BadReply as exc:
+            bad = [Rejected(exc.reason, exc.body)]
+            self.record(self.store_held(lambda: store.insert_batch(self.conn, bad, origin="collector",
+                                                                   instance=self.name), 1), 1)
+            raise
 
     # --- transports ------------------------------------------------------------
     def resp_session(self) -> None:
@@ -243,11 +308,11 @@ class UpstreamLoop:
 
     def http_session(self) -> None:
         client = self.http()
-        first = client.usage_queue(self.settings.batch_size)
+        first = self.http_pop(client)
         self.connected()
         self.consume(first)
         while not self.stop.is_set():
-            if self.consume(client.usage_queue(self.settings.batch_size)) == 0:
+            if self.consume(self.http_pop(client)) == 0:
                 self.stop.wait(self.settings.poll_interval_ms / 1000)
 
     def drain(self, popper: RespConnection) -> int:
