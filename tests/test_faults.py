@@ -1,0 +1,360 @@
+"""Faults the collector survives (issue 7): CPA down, garbage from CPA, keys, dropped subscriptions,
+SIGKILL, a full or read-only database, a long reader.
+
+Every fault is checked where the operator sees it: the status row (`cpa-monitor status`, GET /status)
+and the collector-gap annotations from POST /query. Real parts throughout: redis-server, FakeCPA,
+SQLite files, a tmpfs mount for the full disk, `cpa-monitor collect` processes for SIGKILL.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from collector_helpers import (FAST, KEY, event, event_count, query, request_ids, scalar, service, settings_for,
+                               status, wait_for)
+from datasource.app import create_app
+from datasource.cli import cli
+from datasource.config import Settings
+from datasource.fakecpa import FakeCPA
+from datasource.upstream import Timing, UpstreamLoop
+from redis_server import RedisServer, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WINDOW = {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}
+
+
+# --- what the operator sees ------------------------------------------------------------------
+def web(db: str):
+    return create_app(Settings.from_env({}, db=db, collector="off")).test_client()
+
+
+def web_status(db: str) -> dict:
+    body = web(db).get("/status").get_json()
+    assert body["ok"] is True
+    return {row["instance"]: row for row in body["collectors"]}["default"]
+
+
+def annotations(db: str) -> list[tuple[str, str, bool]]:
+    """(title, text, closed) of every collector-gap annotation POST /query returns."""
+    body = {"range": WINDOW, "targets": [{"refId": "G", "target": "annotations",
+                                          "payload": {"kind": "collector_gaps"}}]}
+    response = web(db).post("/query", json=body)
+    assert response.status_code == 200
+    [frame] = response.get_json()
+    cols = {f["name"]: f["values"] for f in frame["fields"]}
+    return [(title, text, end is not None and end >= start) for title, text, start, end in
+            zip(cols["title"], cols["text"], cols["time"], cols["timeEnd"])]
+
+
+def episodes(db: str) -> list[tuple[str, str, bool]]:
+    return [(kind, detail, end is not None) for kind, detail, end in
+            query(db, "SELECT kind, detail, end_ms FROM collector_episodes ORDER BY id")]
+
+
+def status_text(db: str) -> str:
+    result = CliRunner().invoke(cli, ["status", "--db", db])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# --- CPA down ----------------------------------------------------------------------------------
+def test_backoff_schedule_is_1s_doubling_to_30s(settings):
+    stop = threading.Event()
+    stop.set()  # wait() returns at once: only the schedule is observed
+    loop = UpstreamLoop(settings_for(settings, "http://127.0.0.1:1"), "default", "http://127.0.0.1:1", stop,
+                        timing=Timing())
+    seen = []
+    for _ in range(8):
+        seen.append(loop.backoff_s)
+        loop.wait_backoff()
+    assert seen == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_cpa_down_at_start_backs_off_then_consumes_when_it_appears(settings):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    svc = service(settings_for(settings, url, collector_mode="resp"))
+    try:
+        failures: list[int] = []
+
+        def four_failures() -> bool:
+            ms = status(settings.db).get("last_error_ms")
+            if ms and (not failures or failures[-1] != ms):
+                failures.append(ms)
+            return len(failures) >= 4
+
+        wait_for(four_failures, timeout=10, interval=0.01)
+        row = status(settings.db)
+        assert (row["state"], row["last_error_stage"]) == ("error", "connect")
+        assert "refused" in row["last_error"].lower()
+        gaps = [b - a for a, b in zip(failures, failures[1:])]
+        # FAST timing: 0.2 s doubling (0.2, 0.4, 0.8); the machine is shared, so allow late wake-ups
+        for got, want in zip(gaps, (200, 400, 800)):
+            assert want * 0.9 <= got <= want + 600, (gaps, failures)
+        assert episodes(settings.db) == [("error", f"connect: {row['last_error']}", False)]
+        assert annotations(settings.db) == [("Collector error: default", f"connect: {row['last_error']}", True)]
+        assert web_status(settings.db)["last_error_stage"] == "connect"
+
+        cpa = FakeCPA(KEY, port=port)
+        for i in range(5):
+            cpa.publish(event(i))  # queued while the collector is still backing off
+        cpa.start()
+        try:
+            wait_for(lambda: event_count(settings.db) == 5, timeout=10)
+            assert request_ids(settings.db) == [f"r{i:07d}" for i in range(5)]
+            assert wait_for(lambda: status(settings.db).get("state") == "running")
+            kinds = [(k, closed) for k, _, closed in episodes(settings.db)]
+            assert kinds == [("error", True), ("reconnect", True)]
+            titles = [t for t, _, _ in annotations(settings.db)]
+            assert titles == ["Collector error: default", "Collector reconnect: default"]
+            assert "state running  transport resp" in status_text(settings.db)
+        finally:
+            cpa.stop()
+    finally:
+        svc.stop()
+
+
+def test_cpa_down_mid_stream_and_back_loses_nothing_it_still_held(settings):
+    """CPA's port goes away (network or proxy down) while its queue keeps what arrives meanwhile."""
+    with RedisServer(KEY) as backend:
+        port = free_port()
+        front = FakeCPA(KEY, redis_backend=("127.0.0.1", backend.port), port=port)
+        front.start()
+        svc = service(settings_for(settings, front.url, collector_mode="subscribe"))
+        try:
+            wait_for(lambda: backend.client().pubsub_numsub("usage")[0][1] == 1)
+            for i in range(40):
+                assert front.publish(event(i)) == "published"
+            wait_for(lambda: event_count(settings.db) == 40)
+            front.stop()  # every connection through it is cut
+            wait_for(lambda: status(settings.db).get("state") == "error")
+            wait_for(lambda: backend.client().pubsub_numsub("usage")[0][1] == 0)
+            for i in range(40, 100):  # nobody subscribed: CPA queues them
+                assert backend.enqueue(event(i)) is False
+            again = FakeCPA(KEY, redis_backend=("127.0.0.1", backend.port), port=port)
+            again.start()
+            try:
+                wait_for(lambda: event_count(settings.db) == 100, timeout=10)
+                wait_for(lambda: backend.client().pubsub_numsub("usage")[0][1] == 1)
+                for i in range(100, 130):
+                    again.publish(event(i))
+                wait_for(lambda: event_count(settings.db) == 130)
+                svc.stop()  # before CPA goes away again
+            finally:
+                again.stop()
+            assert request_ids(settings.db) == [f"r{i:07d}" for i in range(130)]
+            row = status(settings.db)
+            assert (row["inserted"], row["duplicates"], row["dead_letters"]) == (130, 0, 0)
+            assert backend.client().llen("usage") == 0
+            kinds = [(k, closed) for k, _, closed in episodes(settings.db)]
+            assert kinds == [("dropped_subscription", True), ("reconnect", True)]
+            assert [t for t, _, _ in annotations(settings.db)] == [
+                "Collector dropped_subscription: default", "Collector reconnect: default"]
+        finally:
+            svc.stop()
+
+
+# --- CPA returning garbage ---------------------------------------------------------------------
+class _GarbageResp(threading.Thread):
+    """A TCP server that answers every connection with bytes that are not RESP."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            try:
+                conn.recv(65536)
+                conn.sendall(b"\x00\xffGARBAGE<html>not resp</html>\r\n")
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.sock.close()
+
+
+def test_non_resp_bytes_are_a_reported_error_with_backoff(settings):
+    garbage = _GarbageResp()
+    garbage.start()
+    svc = service(settings_for(settings, f"http://127.0.0.1:{garbage.port}", collector_mode="resp"))
+    try:
+        row = wait_for(lambda: status(settings.db).get("state") == "error" and status(settings.db))
+        wait_for(lambda: garbage.connections >= 3, timeout=5)
+        assert row["last_error_stage"] in ("connect", "consume")
+        assert row["last_error"]
+        time.sleep(0.5)
+        assert garbage.connections <= 6  # backing off (0.2, 0.4, 0.8, 1.0 ...), not spinning
+        assert svc.loops()[0] and status(settings.db)["state"] == "error"
+        assert [k for k, _, closed in episodes(settings.db)] == ["error"]
+        assert annotations(settings.db)[0][0] == "Collector error: default"
+    finally:
+        svc.stop()
+        garbage.stop()
+    assert event_count(settings.db) == 0
+
+
+class _GarbageHttp(http.server.ThreadingHTTPServer):
+    """Answers the usage queue with the scripted bodies in turn (then `[]`); 404 for the rest."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = list(bodies)
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if not self.path.startswith("/v0/management/usage-queue"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with outer.lock:
+                    body = outer.bodies.pop(0) if outer.bodies else b"[]"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html" if body.startswith(b"<") else "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+def test_http_garbage_becomes_dead_letters_and_the_collector_carries_on(settings):
+    html = b"<html><body>502 Bad Gateway</body></html>"
+    bodies = [html, b'{"items": []}', b'[1, "not json", true, [2], ' + event(1) + b", " + event(2) + b", null]"]
+    server = _GarbageHttp(bodies)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    svc = service(settings_for(settings, url, collector_mode="http"))
+    try:
+        wait_for(lambda: event_count(settings.db) == 2, timeout=10)
+        row = wait_for(lambda: status(settings.db).get("state") == "running" and status(settings.db))
+    finally:
+        svc.stop()
+        server.shutdown()
+        server.server_close()
+    assert request_ids(settings.db) == ["r0000001", "r0000002"]
+    q = "/v0/management/usage-queue?count=100"
+    dead = query(settings.db, "SELECT reason, payload FROM dead_letters ORDER BY id")
+    assert dead == [
+        (f"GET {q}: HTTP 200 reply is not JSON", html),
+        (f"GET {q}: reply is a JSON object, not an array", b'{"items": []}'),
+        ("payload is a JSON number, not an object", b"1"),
+        ("payload is not valid JSON: Expecting value: line 1 column 1 (char 0)", b"not json"),
+        ("payload is a JSON boolean, not an object", b"true"),
+        ("payload is a JSON array, not an object", b"[2]"),
+    ]
+    assert (row["inserted"], row["dead_letters"], row["duplicates"]) == (2, 6, 0)
+    assert row["last_error_stage"] == "http"
+    assert [(k, closed) for k, _, closed in episodes(settings.db)] == [("error", True), ("reconnect", True)]
+    assert episodes(settings.db)[0][1] == f"http: GET {q}: HTTP 200 reply is not JSON"
+    assert annotations(settings.db)[0][:2] == ("Collector error: default", f"http: GET {q}: HTTP 200 reply is not JSON")
+
+
+# --- wrong key ---------------------------------------------------------------------------------
+def test_wrong_key_then_fixed_is_an_episode_and_an_annotation(settings, tmp_path):
+    cpa = FakeCPA(KEY)
+    cpa.start()
+    key_file = tmp_path / "key"
+    key_file.write_text("wrong-key\n")
+    svc = service(settings_for(settings, cpa.url, collector_mode="resp", cpa_management_key="",
+                               cpa_management_key_file=str(key_file)))
+    try:
+        wait_for(lambda: status(settings.db).get("last_error_stage") == "auth")
+        text = status_text(settings.db)
+        assert "last error [auth]" in text and "wrong key or IP banned: invalid management key" in text
+        assert "wrong-key" not in text
+        assert web_status(settings.db)["state"] == "error"
+        key_file.write_text(KEY + "\n")
+        wait_for(lambda: status(settings.db).get("state") == "running", timeout=8)
+        cpa.publish(event(3))
+        wait_for(lambda: event_count(settings.db) == 1)
+    finally:
+        svc.stop()
+        cpa.stop()
+    detail = "auth: wrong key or IP banned: invalid management key"
+    assert [(k, d, c) for k, d, c in episodes(settings.db)][0] == ("error", detail, True)
+    assert [k for k, _, _ in episodes(settings.db)] == ["error", "reconnect"]
+    assert annotations(settings.db)[0][:2] == ("Collector error: default", detail)
+    assert cpa.bans.failures_total == 1
+
+
+# --- a subscription CPA drops because its 256-message buffer filled --------------------------
+def test_subscription_dropped_for_a_full_buffer_reconnects_drains_and_carries_on(settings):
+    cpa = FakeCPA(KEY)  # CPA's real buffer: 256 messages per subscriber
+    assert cpa.queue.buffer_size == 256
+    cpa.start()
+    cfg = settings_for(settings, cpa.url, collector_mode="subscribe", busy_timeout_ms=60_000)
+    svc = service(cfg)
+    blocker = None
+    try:
+        wait_for(lambda: cpa.queue.subscriber_count() == 1)
+        cpa.publish(event(0))
+        wait_for(lambda: event_count(settings.db) == 1)
+        # A writer holds the database: the collector's next batch waits in its busy timeout and stops
+        # reading the socket, so CPA's buffer for it fills up.
+        from datasource.db import connect
+        blocker = connect(settings.db)
+        blocker.execute("BEGIN IMMEDIATE")
+        produced = 1
+        while cpa.queue.subscriber_count() and produced < 200_000:
+            cpa.publish(event(produced))
+            produced += 1
+        assert cpa.queue.subscriber_count() == 0, "CPA never dropped the subscriber"
+        dropped_at = produced
+        for i in range(dropped_at, dropped_at + 50):  # no subscriber now: queued
+            assert cpa.publish(event(i)) == "queued"
+        blocker.execute("COMMIT")
+        blocker.close()
+        blocker = None
+        wait_for(lambda: cpa.queue.subscriber_count() == 1, timeout=15)
+        wait_for(lambda: cpa.queue_len() == 0, timeout=15)
+        for i in range(dropped_at + 50, dropped_at + 80):
+            assert cpa.publish(event(i)) == "published"
+        wait_for(lambda: set(range(dropped_at, dropped_at + 80)) <= _stored_numbers(settings.db), timeout=15)
+    finally:
+        if blocker is not None:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        svc.stop()
+        cpa.stop()
+    stored = _stored_numbers(settings.db)
+    assert len(stored) == event_count(settings.db)  # nothing twice
+    assert 0 in stored and stored <= set(range(dropped_at + 80))
+    row = status(settings.db)
+    assert (row["inserted"], row["duplicates"]) == (len(stored), 0)
+    kinds = [(k, closed) for k, _, closed in episodes(settings.db)]
+    assert kinds == [("dropped_subscription", True), ("reconnect", True)]
+    assert [t for t, _, _ in annotations(settings.db)] == [
+        "Collector dropped_subscription: default", "Collector reconnect: default"]
+
+
+def _stored_numbers(db: str) -> set[int]:
+    return {int(r[1:]) for r in request_ids(db)}
