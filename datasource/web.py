@@ -155,6 +155,15 @@ def _credentials_ok(header: str, settings: Settings) -> bool:
     return False
 
 
+def _scheme_for_log(header: str) -> str:
+    """The scheme of an Authorization header, for the log: only a known name, since a header
+    without a space (a bare token) or a made-up scheme is text the client chose."""
+    scheme = header.partition(" ")[0].lower()
+    if not header:
+        return "-"
+    return {"bearer": "Bearer", "basic": "Basic"}.get(scheme, "other")
+
+
 def auth_required(settings: Settings) -> bool:
     return bool(settings.api_token or (settings.basic_auth_user and settings.basic_auth_password))
 
@@ -170,7 +179,7 @@ def _guard() -> Response | None:
     if header and _credentials_ok(header, settings):
         return None
     reason = "no credentials" if not header else "wrong credentials"
-    scheme = header.partition(" ")[0][:16] or "-"
+    scheme = _scheme_for_log(header)
     logger.warning("auth failed: %s (scheme %s) for %s %s from %s",
                    reason, scheme, request.method, request.path, request.remote_addr)
     code = "AUTH_REQUIRED" if not header else "AUTH_FAILED"
