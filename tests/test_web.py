@@ -366,27 +366,111 @@ def every_request(client) -> list[tuple[str, str, dict | None]]:
     return calls
 
 
+MANAGEMENT_KEY = "MGMT-LEAKkey0011-planted"
+API_TOKEN = "api-LEAKtoken0012-planted"
+PRESENTED = {"guessed bearer token": "LEAKguess0013token", "bare token": "LEAKbare0014token",
+             "basic password": "LEAKbasic0015pw"}
+
+
+@pytest.fixture
+def upstreams():
+    """A CPA queue that takes the planted management key, one that refuses it, one that is down,
+    and the down one again named by URLs that carry the key (userinfo, query string)."""
+    from redis_server import RedisServer, free_port
+
+    good, other = RedisServer(MANAGEMENT_KEY).start(), RedisServer("another-key-0016").start()
+    closed = free_port()
+    urls = (f"ok=http://127.0.0.1:{good.port},wrong=http://127.0.0.1:{other.port},down=http://127.0.0.1:{closed},"
+            f"userinfo=http://admin:{MANAGEMENT_KEY}@127.0.0.1:{closed},"
+            f"query=http://127.0.0.1:{closed}/?key={MANAGEMENT_KEY}")
+    yield good, urls
+    good.stop()
+    other.stop()
+
+
+def _wait(predicate, timeout: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _count(db_path: str, sql: str) -> int:
+    from datasource.db import connect
+
+    conn = connect(db_path)
+    try:
+        return conn.execute(sql).fetchall()[0][0]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("mask_emails", [False, True])
-def test_no_planted_secret_leaves_any_route(db_path, mask_emails):
-    assert ingest(db_path, planted_events()) == 8
-    settings = Settings.from_env({}, db=db_path, collector="off", mask_emails=mask_emails)
-    client = create_app(settings).test_client()
-    calls = every_request(client)
-    assert len(calls) > 60
-    answered, seen = 0, ""
-    for method, path, body in calls:
-        response = getattr(client, method)(path, json=body) if body is not None else client.get(path)
-        text = response.get_data(as_text=True)
-        assert response.status_code < 500, (path, body, text)
-        answered += response.status_code == 200
-        seen += text
-        for what, secret in PLANTED.items():
-            assert secret not in text, (what, path, body)
-        if mask_emails:
-            assert OWNER_EMAIL not in text, (path, body)
-    assert answered == len(calls)
-    # the planted rows did reach the answers (masked caller key, request ids)
+def test_no_planted_secret_leaves_any_route_or_log_line(db_path, mask_emails, upstreams, caplog):
+    """Planted events go through the real collector (a real redis-server queue, the `errors` channel),
+    the management key sits in the settings and in two upstream URLs, clients present wrong tokens;
+    then every route, target, option and lookup, /status, export and every log line at DEBUG are
+    searched for every secret."""
+    import base64
+    import logging
+
+    from click.testing import CliRunner
+    from datasource.cli import cli
+    from datasource.traffic_failures import credential_error
+
+    caplog.set_level(logging.DEBUG)
+    good, urls = upstreams
+    assert ingest(db_path, EVENTS) == 5
+    settings = Settings.from_env({}, db=db_path, collector="on", cpa_url=urls, cpa_management_key=MANAGEMENT_KEY,
+                                 mask_emails=mask_emails, api_token=API_TOKEN, log_level="DEBUG")
+    app = create_app(settings)
+    try:
+        leaky = planted_events()[len(EVENTS):]
+        for event in leaky:  # published to the live subscriber, or queued and drained: CPA's rule
+            good.enqueue(json.dumps(event))
+        _wait(lambda: _count(db_path, "SELECT count(*) FROM events") == 8)
+        broker = good.client()
+        _wait(lambda: broker.pubsub_numsub("errors")[0][1] > 0)
+        error_event = credential_error(leaky[1], f"codex-{PLANTED['caller key']}.json")
+        assert broker.publish("errors", json.dumps(error_event)) == 1
+        _wait(lambda: _count(db_path, "SELECT count(*) FROM credential_errors") == 1)
+        _wait(lambda: _count(db_path, "SELECT count(*) FROM collector_status WHERE state = 'error'") == 4)
+        client = app.test_client()
+        for header in (f"Bearer {PRESENTED['guessed bearer token']}", PRESENTED["bare token"],
+                       "Basic " + base64.b64encode(f"grafana:{PRESENTED['basic password']}".encode()).decode()):
+            assert client.post("/query", json={}, headers={"Authorization": header}).status_code == 403
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {API_TOKEN}"
+        calls = every_request(client)
+        assert len(calls) > 60
+        answered, seen = 0, ""
+        for method, path, body in calls:
+            response = getattr(client, method)(path, json=body) if body is not None else client.get(path)
+            text = response.get_data(as_text=True)
+            assert response.status_code < 500, (path, body, text)
+            answered += response.status_code == 200
+            seen += text
+            for what, secret in {**PLANTED, "management key": MANAGEMENT_KEY, "api token": API_TOKEN}.items():
+                assert secret not in text, (what, path, body)
+            if mask_emails:
+                assert OWNER_EMAIL not in text, (path, body)
+        assert answered == len(calls)
+    finally:
+        app.extensions["cpa_monitor"].collector.stop()
+    # the planted rows did reach the answers (masked caller key, request ids) and /status reports the errors
     assert "sk******yz" in seen and "leak2" in seen
+    status = {row["instance"]: row for row in client.get("/status").get_json()["collectors"]}
+    assert (status["ok"]["state"], status["wrong"]["last_error_stage"]) == ("stopped", "auth")
+    assert status["userinfo"]["url"] == status["down"]["url"] and status["query"]["last_error_stage"] == "connect"
+    exported = CliRunner().invoke(cli, ["export", "--db", db_path], catch_exceptions=False).stdout
+    assert len(exported.splitlines()) == 8
+    logs = caplog.text
+    assert "auth failed: wrong credentials (scheme other) for POST /query" in logs  # the log was captured
+    assert "wrong key or IP banned" in logs
+    for what, secret in {**PLANTED, **PRESENTED, "management key": MANAGEMENT_KEY, "api token": API_TOKEN}.items():
+        assert secret not in exported, what
+        assert secret not in logs, what
 
 
 def test_simplejson_annotations_and_collector_status(settings, conn):
