@@ -116,3 +116,56 @@ def test_serve_refuses_a_public_bind_without_credentials(db_path):
 ])
 def test_is_loopback(bind, loopback):
     assert is_loopback(bind) is loopback
+
+
+def test_debug_log_of_a_served_collector_holds_no_key_or_token(tmp_path):
+    """gunicorn + app + collector logging at DEBUG: the management key (from a file, and inside two
+    upstream URLs of a CPA that is down), the API token and the tokens clients guess stay out."""
+    from redis_server import RedisServer
+
+    key = "MGMT-e2eLEAK-key-0021"
+    key_file = tmp_path / "management.key"
+    key_file.write_text(key + "\n")
+    db = str(tmp_path / "monitor.db")
+    closed, port = free_port(), free_port()
+    with RedisServer(key) as cpa:
+        urls = (f"ok=http://127.0.0.1:{cpa.port},userinfo=http://admin:{key}@127.0.0.1:{closed},"
+                f"query=http://127.0.0.1:{closed}/?key={key}")
+        args = command() + ["serve", "--db", db, "--bind", f"127.0.0.1:{port}", "--api-token", TOKEN,
+                            "--cpa-url", urls, "--cpa-management-key-file", str(key_file), "--log-level", "DEBUG",
+                            "--threads", "2"]
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if call(base + "/", token=None)[0] == 200:
+                        break
+                except (urllib.error.URLError, ConnectionError):
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            for guess in ("e2eLEAK-guess-0022", "e2eLEAK-bare-0023"):
+                assert call(base + "/status", token=guess)[0] == 403
+            request = urllib.request.Request(base + "/status", headers={"Authorization": "e2eLEAK-bare-0024"})
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(request, timeout=10)
+            deadline = time.monotonic() + 20
+            while True:  # wait until every upstream has reported once
+                status, body = call(base + "/status")
+                states = {row["instance"]: row["state"] for row in body["collectors"]}
+                if states.get("ok") == "running" and states.get("userinfo") == states.get("query") == "error":
+                    break
+                assert time.monotonic() < deadline, states
+                time.sleep(0.2)
+            assert key not in json.dumps(body) and TOKEN not in json.dumps(body)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+    text = log_path.read_text()
+    assert "DEBUG" in text and "auth failed: wrong credentials (scheme other)" in text
+    for secret in (key, TOKEN, "e2eLEAK-guess", "e2eLEAK-bare"):
+        assert secret not in text, secret
