@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from datasource import store, store_status
 from datasource.accounts import AccountDirectory
@@ -92,6 +92,14 @@ class UpstreamLoop:
 
     def http(self, timeout_s: float = 30.0) -> HttpManagement:
         return HttpManagement(self.url, self.key(), timeout_s=timeout_s)
+
+    def best_effort(self, write: Callable[..., Any], *args: Any) -> Any:
+        """A status/episode write that a full or read-only database must not turn into a crash."""
+        try:
+            return write(*args)
+        except store.StoreError as exc:
+            logger.warning("%s: cannot record %s (%s)", self.name, write.__name__, exc)
+            return None
 
     def save(self, **changes: object) -> None:
         for field_name, value in changes.items():
@@ -179,7 +187,8 @@ class UpstreamLoop:
             self.down_since_ms = now
         kind = "dropped_subscription" if was_up and self.transport == "subscribe" else "error"
         if self.error_episode is None:
-            self.error_episode = store_status.open_episode(self.conn, self.name, kind, now, f"{stage}: {message}")
+            self.error_episode = self.best_effort(store_status.open_episode, self.conn, self.name, kind, now,
+                                                  f"{stage}: {message}")
         logger.warning("%s: %s error: %s", self.name, stage, message)
         self.save(state="error", last_error=message, last_error_stage=stage, last_error_ms=now)
 
@@ -188,15 +197,16 @@ class UpstreamLoop:
         self.established = True
         self.backoff_s = self.timing.backoff_initial_s
         if self.error_episode is not None:
-            store_status.close_episode(self.conn, self.error_episode, now)
+            self.best_effort(store_status.close_episode, self.conn, self.error_episode, now)
             self.error_episode = None
         if self.down_since_ms is not None:
             down_s = (now - self.down_since_ms) / 1000
-            store_status.add_episode(self.conn, self.name, "reconnect", now, now, f"{self.transport} after {down_s:.1f} s")
+            self.best_effort(store_status.add_episode, self.conn, self.name, "reconnect", now, now,
+                             f"{self.transport} after {down_s:.1f} s")
             retention = self.status.queue_retention_s or DEFAULT_RETENTION_S
             if down_s >= retention:
-                store_status.add_episode(self.conn, self.name, "gap", self.down_since_ms, now,
-                                         f"no connection for {down_s:.0f} s; CPA keeps events {retention} s")
+                self.best_effort(store_status.add_episode, self.conn, self.name, "gap", self.down_since_ms, now,
+                                 f"no connection for {down_s:.0f} s; CPA keeps events {retention} s")
             self.down_since_ms = None
         self.read_config()
         self.save(state="running", transport=self.transport)
@@ -265,20 +275,19 @@ class UpstreamLoop:
         message = f"{exc.__class__.__name__}: {exc}; holding {held} popped items, retrying"
         if self.store_down_since_ms is None:
             self.store_down_since_ms = now
-            try:
-                self.store_episode = store_status.open_episode(self.conn, self.name, "error", now, f"store: {message}")
-            except store.StoreError:
-                self.store_episode = None  # written whole when the store is back
+            # None when even this write fails: the episode is then written whole once the store is back
+            self.store_episode = self.best_effort(store_status.open_episode, self.conn, self.name, "error", now,
+                                                  f"store: {message}")
         logger.warning("%s: store error: %s", self.name, message)
         self.save(state="error", last_error=message, last_error_stage="store", last_error_ms=now)
 
     def store_recovered(self, held: int) -> None:
         now, since = self.now_ms(), self.store_down_since_ms or self.now_ms()
         if self.store_episode is not None:
-            store_status.close_episode(self.conn, self.store_episode, now)
+            self.best_effort(store_status.close_episode, self.conn, self.store_episode, now)
         else:
-            store_status.add_episode(self.conn, self.name, "error", since, now,
-                                     f"store: {self.status.last_error or 'store refused writes'}")
+            self.best_effort(store_status.add_episode, self.conn, self.name, "error", since, now,
+                             f"store: {self.status.last_error or 'store refused writes'}")
         self.store_down_since_ms, self.store_episode = None, None
         self.backoff_s = self.timing.backoff_initial_s
         logger.info("%s: store writable again after %.1f s; %d held items stored", self.name,

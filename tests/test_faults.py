@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,8 +39,8 @@ def web(db: str):
     return create_app(Settings.from_env({}, db=db, collector="off")).test_client()
 
 
-def web_status(db: str) -> dict:
-    body = web(db).get("/status").get_json()
+def web_status(db: str, client=None) -> dict:
+    body = (client or web(db)).get("/status").get_json()
     assert body["ok"] is True
     return {row["instance"]: row for row in body["collectors"]}["default"]
 
@@ -425,3 +426,90 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path):
     row = status(db_path)
     assert row["duplicates"] == 0
     print(f"\nSIGKILL x{kills} with batches of {batch}: popped but uncommitted per kill = {lost_per_kill}")
+
+
+# --- a full disk, a read-only database -------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MiB tmpfs (needs root): the database's disk, which the test can fill up."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path) -> int:
+    """Write zeros into `path` until the filesystem is full; returns the bytes written."""
+    written, chunk = 0, b"\0" * 65536
+    with open(path, "wb", buffering=0) as fh:
+        while True:
+            try:
+                written += fh.write(chunk)
+            except OSError:
+                break
+        for size in (4096, 512, 1):  # the last partial pages too
+            while True:
+                try:
+                    written += fh.write(chunk[:size])
+                except OSError:
+                    break
+    return written
+
+
+def _summary_requests(client) -> int:
+    body = {"range": WINDOW, "targets": [{"refId": "S", "target": "summary"}]}
+    response = client.post("/query", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    [frame] = response.get_json()
+    return {f["name"]: f["values"] for f in frame["fields"]}["requests"][0]
+
+
+def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(settings, small_fs):
+    db = str(small_fs / "monitor.db")
+    with RedisServer(KEY) as server:
+        cfg = settings_for(replace_db(settings, db), server.url, collector_mode="resp", pop_side="left",
+                           batch_size=100)
+        svc = service(cfg)
+        filler = small_fs / "filler"
+        try:
+            for i in range(300):
+                server.enqueue(event(i))
+            wait_for(lambda: event_count(db) == 300)
+            client = web(db)  # a running datasource (a new one could not start: start-up migrates, a write)
+            assert _fill(filler) > 0
+            for i in range(300, 800):
+                server.enqueue(event(i))
+            loop = svc.loops()[0]
+            wait_for(lambda: loop.status.last_error_stage == "store" and loop.store_retries >= 3, timeout=15)
+            assert loop.status.state == "error"
+            held = int(re.search(r"holding (\d+) popped items, retrying", loop.status.last_error).group(1))
+            assert 0 < held <= 100 and "database or disk is full" in loop.status.last_error
+            assert server.client().llen("usage") == 500 - held  # one batch held, nothing more popped
+            assert event_count(db) == 300
+            assert _summary_requests(client) == 300  # queries keep answering
+            row = web_status(db, client)  # GET /status answers; the row itself is a write a full disk may refuse
+            assert row["state"] == "running" or row["last_error_stage"] == "store"
+            filler.unlink()
+            wait_for(lambda: event_count(db) == 800, timeout=15)
+            wait_for(lambda: status(db).get("state") == "running")
+        finally:
+            svc.stop()
+            if filler.exists():
+                filler.unlink()
+    assert request_ids(db) == [f"r{i:07d}" for i in range(800)]
+    row = status(db)
+    assert (row["inserted"], row["duplicates"], row["last_error_stage"]) == (800, 0, "store")
+    [(kind, detail, closed)] = [e for e in episodes(db) if e[1].startswith("store: ")]
+    assert kind == "error" and closed and f"holding {held} popped items" in detail
+    assert any(t == "Collector error: default" and x.startswith("store: ") for t, x, _ in annotations(db))
+    assert _check_consistent(db) == 800
+
+
+def replace_db(settings: Settings, db: str) -> Settings:
+    from dataclasses import replace
+    return replace(settings, db=db)
