@@ -513,3 +513,131 @@ def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(
 def replace_db(settings: Settings, db: str) -> Settings:
     from dataclasses import replace
     return replace(settings, db=db)
+
+
+def test_read_only_database_holds_the_batch_until_writable_again(settings):
+    """SQLite refuses every write of the collector's connection with SQLITE_READONLY, as for a file or
+    mount it cannot write (simulated with PRAGMA query_only on that connection: a running process
+    keeps its open file writable after a chmod, and a mount with open writers cannot be remounted ro)."""
+    with RedisServer(KEY) as server:
+        svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left"))
+        try:
+            for i in range(50):
+                server.enqueue(event(i))
+            wait_for(lambda: event_count(settings.db) == 50)
+            loop = svc.loops()[0]
+            client = web(settings.db)
+            loop.conn.pragma("query_only", True)
+            for i in range(50, 250):
+                server.enqueue(event(i))
+            wait_for(lambda: loop.status.last_error_stage == "store" and loop.store_retries >= 2, timeout=10)
+            held = int(re.search(r"holding (\d+) popped items", loop.status.last_error).group(1))
+            assert loop.status.last_error.startswith("ReadOnlyError: attempt to write a readonly database")
+            assert server.client().llen("usage") == 200 - held
+            assert _summary_requests(client) == 50
+            loop.conn.pragma("query_only", False)
+            wait_for(lambda: event_count(settings.db) == 250, timeout=10)
+            wait_for(lambda: status(settings.db).get("state") == "running")
+        finally:
+            svc.stop()
+    assert request_ids(settings.db) == [f"r{i:07d}" for i in range(250)]
+    row = status(settings.db)
+    assert (row["inserted"], row["duplicates"], row["last_error_stage"]) == (250, 0, "store")
+    [(kind, detail, closed)] = [e for e in episodes(settings.db) if e[1].startswith("store: ")]
+    assert (kind, closed) == ("error", True) and "ReadOnlyError" in detail
+    assert _check_consistent(settings.db) == 250
+
+
+def test_read_only_mount_at_start_pops_nothing_until_writable(settings, small_fs):
+    """A real read-only filesystem: the collector cannot open its store, so it pops nothing
+    (CPA keeps the events) and retries with backoff; rw again -> drained, nothing lost."""
+    from dataclasses import replace
+
+    from datasource.db import open_database
+    db = str(small_fs / "monitor.db")
+    cfg = settings_for(replace(settings, db=db), "", collector_mode="resp", pop_side="left")
+    conn = open_database(db)
+    from datasource import store
+    from datasource.normalize import normalize
+    store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(10)], origin="test")
+    conn.close()
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)]).returncode == 0
+    with RedisServer(KEY) as server:
+        for i in range(10, 60):
+            server.enqueue(event(i))
+        svc = service(replace(cfg, cpa_url=server.url))
+        try:
+            time.sleep(1.5)  # several open attempts with backoff
+            assert not svc.loops() or svc.loops()[0].conn is None
+            assert server.client().llen("usage") == 50  # nothing popped
+            # (readers cannot open it either: WAL needs the -wal/-shm files the last close removed; docs/collector.md)
+            assert subprocess.run(["mount", "-o", "remount,rw", str(small_fs)]).returncode == 0
+            wait_for(lambda: event_count(db) == 60, timeout=15)
+        finally:
+            svc.stop()
+    assert request_ids(db) == [f"r{i:07d}" for i in range(60)]
+    assert status(db)["duplicates"] == 0
+
+
+def test_writer_locked_out_past_the_busy_timeout_holds_and_retries(settings):
+    from datasource.db import connect
+    with RedisServer(KEY) as server:
+        svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
+                                   busy_timeout_ms=300))
+        blocker = connect(settings.db)
+        try:
+            server.enqueue(event(0))
+            wait_for(lambda: event_count(settings.db) == 1)
+            loop = svc.loops()[0]
+            blocker.execute("BEGIN IMMEDIATE")  # another writer, for longer than the busy timeout
+            for i in range(1, 120):
+                server.enqueue(event(i))
+            wait_for(lambda: loop.status.last_error_stage == "store", timeout=10)
+            assert loop.status.last_error.startswith("BusyError: database is locked")
+            time.sleep(1.0)
+            blocker.execute("COMMIT")
+            wait_for(lambda: event_count(settings.db) == 120, timeout=10)
+            wait_for(lambda: status(settings.db).get("state") == "running")
+        finally:
+            if blocker.in_transaction:
+                blocker.execute("ROLLBACK")
+            blocker.close()
+            svc.stop()
+    assert request_ids(settings.db) == [f"r{i:07d}" for i in range(120)]
+    assert status(settings.db)["duplicates"] == 0
+
+
+def test_long_reader_does_not_block_ingestion_and_checkpoints_resume(settings):
+    """WAL: a read transaction held longer than many batches does not stop the writer (nothing
+    waits, nothing is lost); it only pins the WAL, which a checkpoint resets once it ends."""
+    from datasource.db import connect
+    with RedisServer(KEY) as server:
+        svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left", batch_size=50))
+        server.enqueue(event(0))
+        wait_for(lambda: event_count(settings.db) == 1)
+        reader = connect(settings.db, readonly=True)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # snapshot taken
+            pipe = server.client().pipeline(transaction=False)
+            for i in range(1, 3001):
+                pipe.rpush("usage", event(i))
+            pipe.execute()
+            wait_for(lambda: event_count(settings.db) == 3001, timeout=30)
+            assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # still its snapshot
+            wal = os.path.getsize(settings.db + "-wal")
+            checker = connect(settings.db)
+            busy, log, done = checker.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert log > 0 and done < log  # the reader pins the frames after its snapshot
+            reader.execute("COMMIT")
+            busy, log, done = checker.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            assert (busy, log, done) == (0, 0, 0)
+            assert os.path.getsize(settings.db + "-wal") == 0 < wal
+            checker.close()
+        finally:
+            if reader.in_transaction:
+                reader.execute("COMMIT")
+            reader.close()
+            svc.stop()
+    assert request_ids(settings.db) == [f"r{i:07d}" for i in range(3001)]
+    assert status(settings.db)["last_error"] is None
