@@ -354,7 +354,27 @@ CREATE TABLE rollup_account_latency_day (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+# Step 3: the alias catalog of the rollup keys, maintained with the rollups (rollup.apply_aliases):
+# every distinct (key, alias...) tuple of the events ever stored, so that a filter on a key that
+# matches several event columns (model: analytics, requested or resolved model) can be resolved
+# to rollup key values exactly, or be known not to be (datasource/query_plan.py). Backfilled
+# from the events present at migration; like the rollups it outlives raw retention.
+_V3 = """
+CREATE TABLE rollup_aliases (
+    dim TEXT NOT NULL, key TEXT NOT NULL, alias1 TEXT NOT NULL, alias2 TEXT NOT NULL,
+    PRIMARY KEY (dim, key, alias1, alias2)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO rollup_aliases
+    SELECT DISTINCT 'provider', provider, coalesce(payload_provider, ''), '' FROM events;
+INSERT OR IGNORE INTO rollup_aliases
+    SELECT DISTINCT 'model', analytics_model, coalesce(model, ''), coalesce(resolved_model, '') FROM events;
+INSERT OR IGNORE INTO rollup_aliases
+    SELECT DISTINCT 'account', account_key, coalesce(account, ''), coalesce(auth_index, '') FROM events;
+INSERT OR IGNORE INTO rollup_aliases
+    SELECT DISTINCT 'api_key', coalesce(api_key_hash, ''), coalesce(api_key_masked, ''), '' FROM events;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -238,7 +238,7 @@ def _in_list(columns: tuple[str, ...], values: tuple[str, ...], params: list[Any
     return "(" + " OR ".join(parts) + ")"
 
 
-def _status_sql(values: tuple[str, ...], params: list[Any]) -> str:
+def _status_sql(values: tuple[str, ...], params: list[Any], code: str = "status_code") -> str:
     parts = []
     for value in values:
         low = value.lower()
@@ -246,11 +246,11 @@ def _status_sql(values: tuple[str, ...], params: list[Any]) -> str:
             parts.append(STATUS_WORDS[low])
         elif _CODE_CLASS.match(low):
             params.append(int(low[0]) * 100)
-            parts.append("(status_code >= ? AND status_code < ? + 100)")
+            parts.append(f"({code} >= ? AND {code} < ? + 100)")
             params.append(int(low[0]) * 100)
         else:
             params.append(int(low))
-            parts.append("status_code = ?")
+            parts.append(f"{code} = ?")
     return "(" + " OR ".join(parts) + ")"
 
 
@@ -278,12 +278,13 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
             params.append(clause.values[0])
             parts.append(f"coalesce({column}, '') REGEXP ?")
         return "(" + " OR ".join(parts) + ")"
+    code = ROLLUP_STATUS_CODE if columns is ROLLUP_COLUMNS else "status_code"
     if key == "status" and op in ("<", ">"):
         params.append(_number(key, clause.values[0]))
-        return f"(status_code {op} ?)"
-    if key == "status" and columns is EVENT_COLUMNS:
-        return _status_sql(clause.values, params)
-    if key == "cache" and columns is EVENT_COLUMNS:
+        return f"({code} {op} ?)"
+    if key == "status" and (columns is EVENT_COLUMNS or columns is ROLLUP_COLUMNS):
+        return _status_sql(clause.values, params, code)
+    if key == "cache" and (columns is EVENT_COLUMNS or columns is ROLLUP_COLUMNS):
         return "(" + " OR ".join(CACHE_WORDS[v.lower()] for v in clause.values) + ")"
     return _in_list(cols, clause.values, params)
 
@@ -323,6 +324,17 @@ def regexp(pattern: Any, value: Any) -> int:
         raise ValueError("regex too long")
     return 1 if _compile(text).search(str(value)[:MAX_SUBJECT_LEN]) else 0
 
+
+# Rollup tables (datasource/rollup.py) store a NULL status code as 0 and a NULL text as '';
+# these expressions give the events' answer back (query_plan.py resolves the other keys).
+ROLLUP_STATUS_CODE = "nullif(status_code, 0)"
+ROLLUP_COLUMNS: dict[str, tuple[str, ...]] = {
+    "instance": ("instance",),
+    "status": ("status_class", f"CAST({ROLLUP_STATUS_CODE} AS TEXT)"),
+    "failure_type": ("failure_type",),
+    "request_type": ("request_type",),
+    "cache": ("cache_state",),
+}
 
 # Keys the auxiliary tables can answer; any other key is skipped for them (see docs/filters.md).
 CREDENTIAL_ERROR_COLUMNS: dict[str, tuple[str, ...]] = {

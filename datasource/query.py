@@ -82,14 +82,18 @@ def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> 
 
 
 def execute(conn: apsw.Connection, spec: TargetSpec, *, aliases: Mapping[str, str] = {},
-            mask_emails: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Frame]:
-    """Frames answering one target; BadRequest for a bad target/payload, Unavailable when busy."""
+            mask_emails: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+            rollups: bool = True) -> list[Frame]:
+    """Frames answering one target; BadRequest for a bad target/payload, Unavailable when busy.
+
+    `rollups=False` reads raw events only (the reference the rollup path is tested against).
+    """
     handler = TARGETS.get(spec.target)
     if handler is None:
         raise BadRequest(f"unknown target {spec.target!r}; known: {', '.join(TARGETS)}")
     if spec.to_ms <= spec.from_ms:
         raise BadRequest("range: `to` must be after `from`")
-    ctx = Ctx(conn, spec, aliases, mask_emails)
+    ctx = Ctx(conn, spec, aliases, mask_emails, rollups)
     return _limited(conn, timeout_s, lambda: handler(ctx))
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from datasource import filters
 from datasource.model import BadRequest, Frame
 from datasource.query_common import UNITS, Ctx, table_frame
+from datasource.query_plan import IDX
 from datasource.query_series import bucket_step, bucket_times
 
 KINDS = ("failure_spikes", "collector_gaps", "account_status")
@@ -30,9 +31,6 @@ COLLECTOR_COLUMNS = (
     ("last_error", "string"), ("last_error_stage", "string"), ("last_error_at", "time"),
     ("usage_publishing", "boolean"), ("queue_retention_s", "number"), ("warnings", "string"),
 )
-FAILURE_BUCKETS_SQL = """
-SELECT ts_ms - (ts_ms % ?), count(*), coalesce(sum(failed), 0) FROM events WHERE {where} GROUP BY 1
-"""
 EPISODES_SQL = """
 SELECT start_ms, coalesce(end_ms, ?), instance, kind, detail FROM collector_episodes
 WHERE start_ms < ? AND coalesce(end_ms, ?) >= ? AND {where} ORDER BY start_ms, id
@@ -64,8 +62,8 @@ def failure_spikes(ctx: Ctx) -> list[tuple]:
     step = bucket_step(spec.from_ms, spec.to_ms, spec.interval_ms, spec.max_data_points)
     times = bucket_times(spec.from_ms, spec.to_ms, step)
     start = times[0] - BASELINE_BUCKETS * step if times else spec.from_ms
-    where, params = ctx.where(start, spec.to_ms)
-    counts = {b: (n, f) for b, n, f in ctx.rows(FAILURE_BUCKETS_SQL.format(where=where), [step, *params])}
+    sums = ctx.reader.sums(start, spec.to_ms, step=step)
+    counts = {b: (v[IDX["requests"]], v[IDX["failures"]]) for (b,), v in sums.items()}
     out = []
     for b in times:
         baseline = sum(counts.get(b - i * step, (0, 0))[1] for i in range(1, BASELINE_BUCKETS + 1))

@@ -6,19 +6,22 @@ from typing import Any
 
 from datasource.model import Frame
 from datasource.query_common import UNITS, Ctx, payload_choice, ratio, sort_rows, table_frame
+from datasource.query_plan import IDX, cost_usd, labels
+from datasource.query_series import split_value
 
-# dimension -> (key SQL, label SQL); label is resolved in Python for account and api_key.
-DIMENSIONS: dict[str, tuple[str, str]] = {
-    "status_code": ("coalesce(CAST(status_code AS TEXT), 'none')", "''"),
-    "failure_type": ("failure_type", "''"),
-    "model": ("analytics_model", "''"),
-    "provider": ("provider", "''"),
-    "account": ("account_key", "max(account)"),
-    "api_key": ("coalesce(api_key_hash, '')", "max(api_key_masked)"),
-    "request_type": ("coalesce(request_type, 'unknown')", "''"),
-    "cache": ("cache_state", "''"),
-    "instance": ("instance", "''"),
-    "status_class": ("status_class", "''"),
+# dimension -> the key column it groups on (query_plan.GROUPS); labels for account and
+# api_key are resolved like the timeseries split names.
+DIMENSIONS: dict[str, str] = {
+    "status_code": "status_code",
+    "failure_type": "failure_type",
+    "model": "analytics_model",
+    "provider": "provider",
+    "account": "account_key",
+    "api_key": "api_key_hash",
+    "request_type": "request_type",
+    "cache": "cache_state",
+    "instance": "instance",
+    "status_class": "status_class",
 }
 USAGE_DIMENSIONS = ("model", "api_key", "account", "provider")
 
@@ -32,31 +35,29 @@ USAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("total_tokens", "number"), ("cache_hit_rate", "number"), ("est_cost_usd", "number"),
     ("cost_share", "number"),
 )
-GROUP_SQL = """
-SELECT {key}, {label}, count(*), coalesce(sum(failed), 0), coalesce(sum(total_tokens), 0),
-       coalesce(sum(est_cost_usd), 0), coalesce(sum(norm_input_tokens), 0),
-       coalesce(sum(output_tokens), 0), coalesce(sum(norm_cache_read_tokens), 0),
-       coalesce(sum(reasoning_tokens), 0)
-FROM events WHERE {where} GROUP BY 1
-"""
 
 
 def _groups(ctx: Ctx, by: str) -> list[dict[str, Any]]:
-    key_sql, label_sql = DIMENSIONS[by]
-    where, params = ctx.where()
+    column = DIMENSIONS[by]
+    spec = ctx.spec
+    sums = ctx.reader.sums(spec.from_ms, spec.to_ms, (column,))
+    found = (labels(ctx.reader, column, [k for (k,) in sums], spec.from_ms, spec.to_ms)
+             if by in ("account", "api_key") else {})
     out = []
-    for key, label, n, failed, tokens, cost, inp, out_t, cached, reasoning in ctx.rows(
-            GROUP_SQL.format(key=key_sql, label=label_sql, where=where), params):
-        key = str(key)
+    for (raw_key,), v in sums.items():
+        key = split_value(by, raw_key)
         if by == "account":
-            label = ctx.account_label(label, key)
+            label = ctx.account_label(found.get(key), key)
         elif by == "api_key":
-            label = ctx.api_key_label(key, label)
+            label = ctx.api_key_label(key, found.get(key))
         else:
             label = key
-        out.append({"key": key, "label": label, "requests": n, "failures": failed, "total_tokens": tokens,
-                    "est_cost_usd": cost, "input_tokens": inp, "output_tokens": out_t,
-                    "cached_tokens": cached, "reasoning_tokens": reasoning})
+        out.append({"key": key, "label": label, "requests": v[IDX["requests"]],
+                    "failures": v[IDX["failures"]], "total_tokens": v[IDX["total_tokens"]],
+                    "est_cost_usd": cost_usd(v[IDX["cost_nusd"]]), "cost_nusd": v[IDX["cost_nusd"]],
+                    "input_tokens": v[IDX["norm_input_tokens"]],
+                    "output_tokens": v[IDX["output_tokens"]], "cached_tokens": v[IDX["norm_cache_read_tokens"]],
+                    "reasoning_tokens": v[IDX["reasoning_tokens"]]})
     return out
 
 
@@ -76,7 +77,7 @@ def breakdown(ctx: Ctx) -> list[Frame]:
 def usage(ctx: Ctx) -> list[Frame]:
     by = payload_choice(ctx.spec.payload, "by", USAGE_DIMENSIONS, "model")
     rows = _groups(ctx, by)
-    total_cost = sum(r["est_cost_usd"] for r in rows)
+    total_cost = cost_usd(sum(r["cost_nusd"] for r in rows))  # integer sum: order-free
     for r in rows:
         r["cache_hit_rate"] = ratio(r["cached_tokens"], r["input_tokens"], clamp=True)
         r["cost_share"] = ratio(r["est_cost_usd"], total_cost)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from datasource import filters
@@ -22,6 +23,14 @@ class Ctx:
     spec: TargetSpec
     aliases: Mapping[str, str]
     mask_emails: bool
+    rollups: bool = True  # False: every target reads raw events (the reference the tests compare to)
+
+    @cached_property
+    def reader(self) -> Any:
+        """The range planner's reader for this target (datasource/query_plan.py)."""
+        from datasource.query_plan import Reader
+
+        return Reader(self.conn, self.spec.clauses, self.rollups)
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return list(self.conn.execute(sql, tuple(params)))

@@ -5,55 +5,59 @@ from __future__ import annotations
 from typing import Any
 
 from datasource.model import BadRequest, Field, Frame
-from datasource.query_common import Ctx, nearest_rank, payload_choice, payload_int, ratio
+from datasource.query_common import Ctx, payload_choice, payload_int, ratio
+from datasource.query_plan import IDX, cost_usd, labels
 
 MIN_STEP_MS = 1000
 MAX_BUCKETS = 10_000
 OTHER = "other"
 
-# measure -> (kind, numerator SQL, denominator SQL or percentile); fixed SQL fragments only.
+# measure -> (kind, numerator, denominator or percentile): sums and ratios of query_plan.SUMS
+# fields, percentiles of a latency column.
 MEASURES: dict[str, tuple[str, str, Any]] = {
-    "requests": ("sum", "count(*)", None),
-    "successes": ("sum", "sum(failed = 0)", None),
-    "failures": ("sum", "sum(failed)", None),
-    "unusual": ("sum", "sum(status_class = 'unusual')", None),
-    "success_rate": ("ratio", "sum(failed = 0)", "count(*)"),
-    "failure_rate": ("ratio", "sum(failed)", "count(*)"),
-    "latency_avg": ("ratio", "sum(CASE WHEN latency_ms > 0 THEN latency_ms ELSE 0 END)", "sum(latency_ms > 0)"),
+    "requests": ("sum", "requests", None),
+    "successes": ("sum", "successes", None),
+    "failures": ("sum", "failures", None),
+    "unusual": ("sum", "unusual", None),
+    "success_rate": ("ratio", "successes", "requests"),
+    "failure_rate": ("ratio", "failures", "requests"),
+    "latency_avg": ("ratio", "latency_sum_ms", "latency_samples"),
     "latency_p50": ("pct", "latency_ms", 50),
     "latency_p95": ("pct", "latency_ms", 95),
     "latency_p99": ("pct", "latency_ms", 99),
     "ttft_p50": ("pct", "ttft_ms", 50),
     "ttft_p95": ("pct", "ttft_ms", 95),
-    "tokens": ("sum", "sum(total_tokens)", None),
-    "input_tokens": ("sum", "sum(norm_input_tokens)", None),
-    "output_tokens": ("sum", "sum(output_tokens)", None),
-    "cached_tokens": ("sum", "sum(norm_cache_read_tokens)", None),
-    "reasoning_tokens": ("sum", "sum(reasoning_tokens)", None),
-    "cost": ("sum", "sum(est_cost_usd)", None),
-    "cache_hit_rate": ("ratio", "sum(norm_cache_read_tokens)", "sum(norm_input_tokens)"),
+    "tokens": ("sum", "total_tokens", None),
+    "input_tokens": ("sum", "norm_input_tokens", None),
+    "output_tokens": ("sum", "output_tokens", None),
+    "cached_tokens": ("sum", "norm_cache_read_tokens", None),
+    "reasoning_tokens": ("sum", "reasoning_tokens", None),
+    "cost": ("sum", "cost_nusd", None),
+    "cache_hit_rate": ("ratio", "norm_cache_read_tokens", "norm_input_tokens"),
 }
+# split_by -> the key column it groups on (query_plan.GROUPS)
 SPLITS: dict[str, str] = {
     "status_class": "status_class",
-    "status_code": "coalesce(CAST(status_code AS TEXT), 'none')",
+    "status_code": "status_code",
     "failure_type": "failure_type",
     "provider": "provider",
     "model": "analytics_model",
     "account": "account_key",
-    "api_key": "coalesce(api_key_hash, '')",
-    "request_type": "coalesce(request_type, 'unknown')",
+    "api_key": "api_key_hash",
+    "request_type": "request_type",
     "instance": "instance",
 }
 UNITS = {"success_rate": "percentunit", "failure_rate": "percentunit", "cache_hit_rate": "percentunit",
          "cost": "currencyUSD"}
 
-SUM_SQL = "SELECT ts_ms - (ts_ms % ?), {split}, {num}, {den}, count(*) FROM events WHERE {where} GROUP BY 1, 2"
-PCT_SQL = "SELECT ts_ms - (ts_ms % ?), {split}, {col} FROM events WHERE {where} AND {col} > 0"
-RANK_SQL = "SELECT {split}, count(*), {num} FROM events WHERE {where} GROUP BY 1"
-LABEL_SQL = {
-    "account": "SELECT account_key, max(account) FROM events WHERE {where} GROUP BY 1",
-    "api_key": "SELECT coalesce(api_key_hash, ''), max(api_key_masked) FROM events WHERE {where} GROUP BY 1",
-}
+
+def split_value(split_by: str | None, value: Any) -> str:
+    """A split key as shown: no status code is `none`, no request type `unknown`."""
+    if split_by == "status_code":
+        return "none" if not value else str(value)
+    if split_by == "request_type":
+        return value or "unknown"
+    return "" if value is None else str(value)
 
 
 def bucket_step(from_ms: int, to_ms: int, interval_ms: int, max_data_points: int) -> int:
@@ -68,51 +72,11 @@ def bucket_times(from_ms: int, to_ms: int, step: int) -> list[int]:
     return list(range(from_ms - from_ms % step, to_ms, step))
 
 
-def _aggregate(ctx: Ctx, kind: str, num: str, den: Any, split: str, step: int) -> dict[tuple[int, str], list]:
-    """(bucket, split value) -> [numerator, denominator] or the list of sample values."""
-    where, params = ctx.where()
-    out: dict[tuple[int, str], list] = {}
-    if kind == "pct":
-        for b, s, v in ctx.rows(PCT_SQL.format(split=split, col=num, where=where), [step, *params]):
-            out.setdefault((b, s), []).append(v)
-        return out
-    sql = SUM_SQL.format(split=split, num=num, den=den or "0", where=where)
-    for b, s, n, d, _ in ctx.rows(sql, [step, *params]):
-        out[(b, s)] = [n or 0, d or 0]
-    return out
-
-
-def _top(ctx: Ctx, kind: str, num: str, split: str, top: int) -> list[str]:
-    """The split values ranked by the measure (sums) or by requests (rates, percentiles)."""
-    where, params = ctx.where()
-    ranked = ctx.rows(RANK_SQL.format(split=split, num=num if kind == "sum" else "0", where=where), params)
-    ranked.sort(key=lambda r: (-((r[2] if kind == "sum" else r[1]) or 0), -r[1], str(r[0])))
-    return [str(r[0]) for r in ranked[:top]]
-
-
-def _value(kind: str, parts: list | None, pct: Any) -> float | None:
-    if kind == "sum":
-        return parts[0] if parts else 0
-    if not parts:
-        return None
-    if kind == "pct":
-        return nearest_rank(sorted(parts), pct)
-    return ratio(parts[0], parts[1])
-
-
-def _merge(kind: str, into: list | None, parts: list) -> list:
-    if into is None:
-        return list(parts)
-    if kind == "pct":
-        return into + parts
-    return [into[0] + parts[0], into[1] + parts[1]]
-
-
 def _names(ctx: Ctx, split_by: str | None, keys: list[str]) -> dict[str, str]:
-    if split_by not in LABEL_SQL:
+    if split_by not in ("account", "api_key"):
         return {k: k for k in keys}
-    where, params = ctx.where()
-    found = {str(k): v for k, v in ctx.rows(LABEL_SQL[split_by].format(where=where), params)}
+    spec = ctx.spec
+    found = labels(ctx.reader, SPLITS[split_by], keys, spec.from_ms, spec.to_ms)
     if split_by == "account":
         names = {k: ctx.account_label(found.get(k), k) for k in keys}
     else:
@@ -121,6 +85,25 @@ def _names(ctx: Ctx, split_by: str | None, keys: list[str]) -> dict[str, str]:
     for name in names.values():
         counts[name] = counts.get(name, 0) + 1
     return {k: (n if counts[n] == 1 else f"{n} ({k[:12]})") for k, n in names.items()}
+
+
+def _ranked(totals: dict[str, tuple[Any, int]], top: int) -> list[str]:
+    """Split values by measure total, then requests, then name; the first `top`."""
+    ranked = sorted(totals.items(), key=lambda kv: (-(kv[1][0] or 0), -kv[1][1], kv[0]))
+    return [k for k, _ in ranked[:top]]
+
+
+def _value(kind: str, num: str, parts: Any, pct: Any) -> float | None:
+    if kind == "sum":
+        value = parts[0] if parts else 0
+        return cost_usd(value) if num == "cost_nusd" else value
+    if not parts:
+        return None
+    if kind == "pct":
+        if isinstance(parts, tuple):  # (distributions, key)
+            return parts[0].percentiles(parts[1], [pct])[0]
+        return parts.percentiles((), [pct])[0]
+    return ratio(parts[0], parts[1])
 
 
 def timeseries(ctx: Ctx) -> list[Frame]:
@@ -134,22 +117,50 @@ def timeseries(ctx: Ctx) -> list[Frame]:
         raise BadRequest("range: `to` must be after `from`")
     step = bucket_step(spec.from_ms, spec.to_ms, spec.interval_ms, spec.max_data_points)
     times = bucket_times(spec.from_ms, spec.to_ms, step)
-    split = SPLITS[split_by] if split_by else "''"
-    cells = _aggregate(ctx, kind, num, arg, split, step)
-    keep = _top(ctx, kind, num, split, top) if split_by else [""]
+    group = (SPLITS[split_by],) if split_by else ()
+    reader = ctx.reader
+    if kind == "pct":
+        dist = reader.distribution(num, spec.from_ms, spec.to_ms, group, step=step)
+        cells = {(b, split_value(split_by, s[0]) if s else ""): (b, *s) for b, *s in dist.keys()}
+        totals = {}
+        if split_by:
+            for (s_val,), v in reader.sums(spec.from_ms, spec.to_ms, group).items():
+                totals[split_value(split_by, s_val)] = (v[IDX["requests"]], v[IDX["requests"]])
+        keep = _ranked(totals, top) if split_by else [""]
+    else:
+        sums = reader.sums(spec.from_ms, spec.to_ms, group, step=step)
+        cells = {}
+        totals = {}
+        n_i, d_i, r_i = IDX[num], IDX[arg] if arg else None, IDX["requests"]
+        for (b, *s), v in sums.items():
+            s_val = split_value(split_by, s[0]) if s else ""
+            cells[(b, s_val)] = [v[n_i], v[d_i] if d_i is not None else 0]
+            have = totals.get(s_val, (0, 0))
+            totals[s_val] = (have[0] + v[n_i], have[1] + v[r_i])
+        if kind != "sum":
+            totals = {k: (r, r) for k, (_, r) in totals.items()}
+        keep = _ranked(totals, top) if split_by else [""]
     kept = set(keep)
-    merged: dict[tuple[int, str], list] = {}
-    for (b, s), parts in cells.items():
-        series = str(s) if str(s) in kept else OTHER
-        merged[(b, series)] = _merge(kind, merged.get((b, series)), parts)
+    merged: dict[tuple[int, str], Any] = {}
+    if kind == "pct":
+        groups: dict[tuple[int, str], list[tuple]] = {}
+        for (b, s_val), key in cells.items():
+            groups.setdefault((b, s_val if s_val in kept else OTHER), []).append(key)
+        for cell, keys in groups.items():
+            merged[cell] = dist.merged(keys) if len(keys) > 1 or cell[1] == OTHER else (dist, keys[0])
+    else:
+        for (b, s_val), parts in cells.items():
+            series = s_val if s_val in kept else OTHER
+            have = merged.get((b, series))
+            merged[(b, series)] = list(parts) if have is None else [have[0] + parts[0], have[1] + parts[1]]
     order = keep + ([OTHER] if any(s == OTHER for _, s in merged) else [])
     names = _names(ctx, split_by, keep) if split_by else {"": measure}
     names[OTHER] = OTHER
     config = {"unit": UNITS[measure]} if measure in UNITS else None
     fields = [Field("time", "time", times)]
     for s in order:
-        values = [_value(kind, merged.get((b, s)), arg) for b in times]
-        labels = {split_by: names[s]} if split_by else None
-        fields.append(Field(names[s], "number", values, config, labels))
+        values = [_value(kind, num, merged.get((b, s)), arg) for b in times]
+        series_labels = {split_by: names[s]} if split_by else None
+        fields.append(Field(names[s], "number", values, config, series_labels))
     meta = {"interval_ms": step, "measure": measure, "split_by": split_by}
     return [Frame(name=measure, fields=fields, meta=meta)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from datasource.model import Frame
+from datasource.query_plan import IDX, add_into, cost_usd, empty, labels
 from datasource.query_common import (
     UNITS, Ctx, payload_choice, payload_int, percentiles_by, ratio, sort_rows, table_frame,
 )
@@ -56,14 +57,6 @@ FROM events WHERE {where}
 GROUP BY instance, account_key
 """
 CPA_STATUS_SQL = "SELECT instance, auth_index, status, disabled, unavailable, name FROM accounts"
-API_KEYS_SQL = """
-SELECT coalesce(api_key_hash, ''), max(api_key_masked), count(*), coalesce(sum(failed), 0),
-       coalesce(sum(total_tokens), 0), coalesce(sum(est_cost_usd), 0),
-       group_concat(DISTINCT analytics_model), count(DISTINCT nullif(account_key, '-')), max(ts_ms)
-FROM events WHERE {where} GROUP BY 1
-"""
-
-
 def _cpa_status(status: str | None, disabled: int, unavailable: int) -> str:
     if disabled:
         return "disabled"
@@ -120,16 +113,29 @@ def accounts(ctx: Ctx) -> list[Frame]:
 
 def api_keys(ctx: Ctx) -> list[Frame]:
     limit = payload_int(ctx.spec.payload, "limit", 1000, 1, 5000)
-    where, params = ctx.where()
+    spec = ctx.spec
+    groups = ctx.reader.sums(spec.from_ms, spec.to_ms, ("api_key_hash", "analytics_model", "account_key"))
+    per_key: dict[str, dict[str, Any]] = {}
+    for (key_hash, model, account_key), v in groups.items():
+        have = per_key.get(key_hash)
+        if have is None:
+            have = per_key[key_hash] = {"sums": empty(), "models": set(), "accounts": set()}
+        add_into(have["sums"], v)
+        have["models"].add(model)
+        if account_key != "-":
+            have["accounts"].add(account_key)
+    masked = labels(ctx.reader, "api_key_hash", per_key, spec.from_ms, spec.to_ms)
     rows = []
-    for key_hash, masked, n, failed, tokens, cost, models, accounts_hit, last_seen in ctx.rows(
-            API_KEYS_SQL.format(where=where), params):
-        used = sorted(set((models or "").split(","))) if models else []
+    for key_hash, have in per_key.items():
+        v = have["sums"]
+        n, failed = v[IDX["requests"]], v[IDX["failures"]]
+        used = sorted(have["models"])
         rows.append({
-            "api_key_hash": key_hash, "api_key": ctx.api_key_label(key_hash, masked), "requests": n,
-            "failures": failed, "success_rate": ratio(n - failed, n), "total_tokens": tokens,
-            "est_cost_usd": cost, "models": len(used), "models_used": ", ".join(used),
-            "accounts_hit": accounts_hit, "last_seen": last_seen,
+            "api_key_hash": key_hash, "api_key": ctx.api_key_label(key_hash, masked.get(key_hash)),
+            "requests": n, "failures": failed, "success_rate": ratio(n - failed, n),
+            "total_tokens": v[IDX["total_tokens"]], "est_cost_usd": cost_usd(v[IDX["cost_nusd"]]),
+            "models": len(used), "models_used": ", ".join(used), "accounts_hit": len(have["accounts"]),
+            "last_seen": v[IDX["last_ms"]],
         })
     rows = sort_rows(rows, (("requests", True), ("api_key_hash", False)))[:limit]
     names = [c for c, _ in API_KEY_COLUMNS]

@@ -89,9 +89,21 @@ _DIM_DEFAULTS: dict[str, Any] = {
     "status_class": "success", "failure_type": "none", "cache_state": "miss", "failed": 0,
     "status_code": 0, "request_type": "", "api_key_hash": "",
 }
+# rollup_aliases (schema step 3): dim -> (key column, alias columns); a NULL alias is ''.
+# A filter on `dim` matches events through any of these columns (filters.EVENT_COLUMNS).
+ALIASES: dict[str, tuple[str, str, str | None]] = {
+    "provider": ("provider", "payload_provider", None),
+    "model": ("analytics_model", "model", "resolved_model"),
+    "account": ("account_key", "account", "auth_index"),
+    "api_key": ("api_key_hash", "api_key_masked", None),
+}
+_ALIAS_COLUMNS = tuple(c for cols in ALIASES.values() for c in cols if c)
+_ALIAS_DEFAULTS = {"model": "-"}  # events.model's DEFAULT; the key columns use _DIM_DEFAULTS
+INSERT_ALIAS = "INSERT OR IGNORE INTO rollup_aliases(dim, key, alias1, alias2) VALUES (?, ?, ?, ?)"
+
 SOURCE_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(
     ("ts_ms", "failed", "status_class", "est_cost_usd", "latency_ms", "ttft_ms")
-    + TOKEN_COLUMNS + tuple(d for spec in SPECS for d in spec.dims)
+    + TOKEN_COLUMNS + tuple(d for spec in SPECS for d in spec.dims) + _ALIAS_COLUMNS
 ))
 
 
@@ -221,7 +233,30 @@ def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
     for table, params in upsert_params(rows).items():
         conn.executemany(_UPSERT[table], params)
         written += len(params)
+    apply_aliases(conn, rows)
     return written
+
+
+def alias_params(rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str, str]]:
+    """The distinct rollup_aliases tuples of some event rows (values as the events table stores them)."""
+    out: set[tuple[str, str, str, str]] = set()
+    for row in rows:
+        for dim, (key, a1, a2) in ALIASES.items():
+            k = row.get(key)
+            v1 = row.get(a1)
+            v2 = row.get(a2) if a2 else None
+            out.add((dim, _DIM_DEFAULTS[key] if k is None else str(k),
+                     _ALIAS_DEFAULTS.get(a1, "") if v1 is None else str(v1),
+                     _ALIAS_DEFAULTS.get(a2 or "", "") if v2 is None else str(v2)))
+    return out
+
+
+def apply_aliases(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Record the alias tuples of newly inserted rows (inside the insert transaction)."""
+    params = alias_params(rows)
+    if params:
+        conn.executemany(INSERT_ALIAS, sorted(params))
+    return len(params)
 
 
 def _align_down(ms: int, grain: int) -> int:

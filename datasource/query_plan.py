@@ -1,0 +1,494 @@
+"""Range planner: which rows answer a target - rollup buckets, raw events, or both.
+
+A target's window [from, to) is split into a raw head edge, whole hours, whole days, whole
+hours and a raw tail edge (`split_range`); the whole buckets are read from the narrowest
+rollup table family (datasource/rollup.py) whose key covers the target's grouping and
+filters, the edges from `events`. A filter the rollups cannot answer (project, endpoint,
+latency bounds, trace id, search, cache read/creation) sends the whole target to raw events.
+
+Filters are translated, never approximated. Keys stored in a rollup (instance, status,
+failure type, request type, cache state) are evaluated on the rollup row with the events'
+semantics (filters.ROLLUP_COLUMNS). Keys that match several event columns (provider,
+model, account, api key) are resolved through `rollup_aliases`, the catalog of every
+(key, alias...) tuple ever stored: the clause is evaluated on each tuple, and it is exact
+on the rollup key when, for every key value, either all its tuples match or none do; the
+filter then becomes `key IN (matching keys)`. Otherwise the target reads raw events.
+
+Measures are summed the same way on both sides (integer sums; cost in integer nano-USD,
+as rollup.py stores it), so a rollup answer equals the raw one exactly; percentiles
+merge the rollup sketches and add the raw edges' values to the merged sketch (1 %).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from datasource import filters, rollup, sketch
+from datasource.model import Clause
+from datasource.sketch import Sketch
+
+HOUR = rollup.HOUR_MS
+DAY = rollup.DAY_MS
+RAW = ""  # Piece.table for raw events
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    table: str  # a rollup table, or RAW
+    from_ms: int
+    to_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Rollup tables sharing one key: grain -> table; rank orders families narrowest first."""
+
+    name: str
+    dims: frozenset[str]
+    tables: Mapping[int, str]
+    sketches: bool
+    rank: int
+
+
+def _families() -> tuple[Family, ...]:
+    by_dims: dict[tuple[str, ...], dict[int, str]] = {}
+    sketches: dict[tuple[str, ...], bool] = {}
+    for spec in rollup.SPECS:
+        by_dims.setdefault(spec.dims, {})[spec.grain_ms] = spec.table
+        sketches[spec.dims] = spec.sketches
+    # Rows per bucket measured on the benchmark shape (docs/performance.md): latency <
+    # traffic < account latency (day) < account < api key (day).
+    order = ["rollup_latency_day", "rollup_traffic_day", "rollup_account_latency_day",
+             "rollup_account_day", "rollup_api_key_day"]
+    out = []
+    for dims, tables in by_dims.items():
+        name = tables.get(DAY, "")
+        rank = order.index(name) if name in order else len(order)
+        out.append(Family(name.removeprefix("rollup_").removesuffix("_day"), frozenset(dims), dict(tables),
+                          sketches[dims], rank))
+    return tuple(sorted(out, key=lambda f: f.rank))
+
+
+FAMILIES = _families()
+
+# --- ranges -------------------------------------------------------------------------
+
+
+def _up(ms: int, grain: int) -> int:
+    return -(-ms // grain) * grain
+
+
+def _down(ms: int, grain: int) -> int:
+    return ms - ms % grain
+
+
+def split_range(from_ms: int, to_ms: int, tables: Mapping[int, str]) -> list[Piece]:
+    """[from, to) as raw head / whole hours / whole days / whole hours / raw tail (empty pieces dropped)."""
+
+    def hours(lo: int, hi: int) -> list[Piece]:
+        if HOUR in tables:
+            a, b = _up(lo, HOUR), _down(hi, HOUR)
+            if a < b:
+                return [Piece(RAW, lo, a), Piece(tables[HOUR], a, b), Piece(RAW, b, hi)]
+        return [Piece(RAW, lo, hi)]
+
+    pieces: list[Piece]
+    if DAY in tables and _up(from_ms, DAY) < _down(to_ms, DAY):
+        a, b = _up(from_ms, DAY), _down(to_ms, DAY)
+        pieces = hours(from_ms, a) + [Piece(tables[DAY], a, b)] + hours(b, to_ms)
+    else:
+        pieces = hours(from_ms, to_ms)
+    return [p for p in pieces if p.from_ms < p.to_ms]
+
+
+# --- filters ------------------------------------------------------------------------
+
+# Keys no rollup stores: a target filtered by one of them reads raw events.
+RAW_ONLY_KEYS = frozenset({"project", "endpoint", "min_latency_ms", "max_latency_ms", "trace_id", "search"})
+DIRECT_KEYS = {"instance": "instance", "failure_type": "failure_type", "request_type": "request_type"}
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The clauses as SQL on rollup rows (`sql`, `params`), the rollup dims they read, and the
+    same filter for raw events with alias keys narrowed to their key column (index-friendly)."""
+
+    sql: str
+    params: tuple[Any, ...]
+    dims: frozenset[str]
+    raw_sql: str
+    raw_params: tuple[Any, ...]
+
+
+def _status_dims(clause: Clause) -> set[str]:
+    if clause.op in ("=~", "!~"):
+        return {"status_class", "status_code"}
+    if clause.op in ("<", ">"):
+        return {"status_code"}
+    dims = set()
+    for value in clause.values:
+        low = value.lower()
+        dims.add({"success": "failed", "failed": "failed", "unusual": "status_class"}.get(low, "status_code"))
+    return dims
+
+
+def resolve_alias(conn: Any, clause: Clause) -> list[str] | None:
+    """The rollup key values an alias-key clause selects exactly, or None when it is not exact."""
+    key_col, a1, a2 = rollup.ALIASES[clause.key]
+    match, params = filters.where_sql([clause])
+    cols = f"key AS {key_col}, alias1 AS {a1}" + (f", alias2 AS {a2}" if a2 else "")
+    sql = (f"SELECT key, min(m), max(m) FROM (SELECT key, coalesce(({match}), 0) AS m FROM "
+           f"(SELECT key, {cols} FROM rollup_aliases WHERE dim = ?)) GROUP BY key")
+    keys = []
+    # placeholders in text order: the clause's (outer select list), then the dim
+    for key, lo, hi in conn.execute(sql, (*params, clause.key)):
+        if lo != hi:
+            return None
+        if hi:
+            keys.append(key)
+    return keys
+
+
+def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
+    """Clauses -> Translation, or None when some clause cannot be answered from rollups."""
+    parts: list[str] = []
+    params: list[Any] = []
+    raw_parts: list[str] = []
+    raw_params: list[Any] = []
+    dims: set[str] = set()
+    for clause in clauses:
+        key = clause.key
+        if key in RAW_ONLY_KEYS:
+            return None
+        if key in rollup.ALIASES:
+            keys = resolve_alias(conn, clause)
+            if keys is None:
+                return None
+            column = rollup.ALIASES[key][0]
+            dims.add(column)
+            parts.append(f"{column} IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(keys))
+            if column == "api_key_hash" and "" in keys:
+                raw_parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
+                raw_params.append(json.dumps(keys))
+            elif len(keys) == 1:
+                raw_parts.append(f"{column} = ?")
+                raw_params.append(keys[0])
+            else:
+                raw_parts.append(f"{column} IN (SELECT value FROM json_each(?))")
+                raw_params.append(json.dumps(keys))
+            continue
+        if key == "cache":
+            if clause.op not in ("=~", "!~") and any(v.lower() in ("read", "creation") for v in clause.values):
+                return None
+            dims.add("cache_state")
+        elif key == "status":
+            dims |= _status_dims(clause)
+        elif key in DIRECT_KEYS:
+            dims.add(DIRECT_KEYS[key])
+        else:  # pragma: no cover - every FILTER_KEY is handled above
+            return None
+        sql, p = filters.where_sql([clause], filters.ROLLUP_COLUMNS)
+        parts.append(sql)
+        params.extend(p)
+        sql, p = filters.where_sql([clause])
+        raw_parts.append(sql)
+        raw_params.extend(p)
+    return Translation(" AND ".join(parts) or "1", tuple(params), frozenset(dims),
+                       " AND ".join(raw_parts) or "1", tuple(raw_params))
+
+
+# --- plans ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    pieces: list[Piece]
+    translation: Translation | None
+
+    @property
+    def uses_rollups(self) -> bool:
+        return any(p.table != RAW for p in self.pieces)
+
+    def where(self, piece: Piece, clauses: Iterable[Clause]) -> tuple[str, list[Any]]:
+        """WHERE text and parameters for one piece (rollup bucket range or events ts range)."""
+        if piece.table == RAW:
+            if self.translation is None:
+                sql, params = filters.where_sql(clauses)
+            else:
+                sql, params = self.translation.raw_sql, list(self.translation.raw_params)
+            return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [piece.from_ms, piece.to_ms, *params]
+        assert self.translation is not None
+        return (f"bucket_ms >= ? AND bucket_ms < ? AND {self.translation.sql}",
+                [piece.from_ms, piece.to_ms, *self.translation.params])
+
+
+def plan(conn: Any, clauses: Sequence[Clause], from_ms: int, to_ms: int, dims: Iterable[str] = (), *,
+         sketches: bool = False, step: int | None = None, rollups: bool = True,
+         translation: Translation | None | bool = False) -> Plan:
+    """The cheapest exact way to read [from, to) with these clauses, grouped by `dims`.
+
+    Family choice: every family whose key holds the dims and the filters' dims (and
+    sketches when asked); grains limited to those dividing `step` (time buckets must not
+    straddle); the least raw time wins, then the narrowest family.
+    """
+    tr = translate(conn, clauses) if translation is False else translation
+    raw = Plan([Piece(RAW, from_ms, to_ms)], tr if isinstance(tr, Translation) else None)
+    if not rollups or not isinstance(tr, Translation) or from_ms >= to_ms:
+        return raw
+    needed = set(dims) | tr.dims
+    best: tuple[int, int, list[Piece]] | None = None
+    for fam in FAMILIES:
+        if not needed <= fam.dims or (sketches and not fam.sketches):
+            continue
+        tables = {g: t for g, t in fam.tables.items() if step is None or step % g == 0}
+        if not tables:
+            continue
+        pieces = split_range(from_ms, to_ms, tables)
+        raw_ms = sum(p.to_ms - p.from_ms for p in pieces if p.table == RAW)
+        if best is None or (raw_ms, fam.rank) < best[:2]:
+            best = (raw_ms, fam.rank, pieces)
+    if best is None or best[0] == to_ms - from_ms:
+        return raw
+    return Plan(best[2], tr)
+
+
+# --- reading --------------------------------------------------------------------------
+
+# The measures of one group, in order; both sides produce the same integers.
+SUMS: tuple[str, ...] = (
+    "requests", "successes", "failures", "unusual", "norm_input_tokens", "output_tokens",
+    "reasoning_tokens", "norm_cache_read_tokens", "cache_read_tokens", "cache_creation_tokens",
+    "total_tokens", "cost_nusd", "latency_sum_ms", "latency_samples", "ttft_sum_ms", "ttft_samples",
+)
+IDX = {name: i for i, name in enumerate(SUMS + ("last_ms", "last_failure_ms"))}
+_RAW_SUM = {
+    "requests": "count(*)", "successes": "sum(failed = 0)", "failures": "sum(failed)",
+    "unusual": "sum(status_class = 'unusual')",
+    "cost_nusd": "sum(CAST(round(est_cost_usd * 1e9) AS INTEGER))",
+    "latency_sum_ms": "sum(CASE WHEN latency_ms > 0 THEN latency_ms ELSE 0 END)",
+    "latency_samples": "sum(latency_ms > 0)",
+    "ttft_sum_ms": "sum(CASE WHEN ttft_ms > 0 THEN ttft_ms ELSE 0 END)",
+    "ttft_samples": "sum(ttft_ms > 0)",
+}
+RAW_MEASURES = ", ".join([f"coalesce({_RAW_SUM.get(m, f'sum({m})')}, 0)" for m in SUMS]
+                         + ["max(ts_ms)", "max(CASE WHEN failed = 1 THEN ts_ms END)"])
+ROLLUP_MEASURES = ", ".join([f"coalesce(sum({m}), 0)" for m in SUMS] + ["max(last_ms)", "max(last_failure_ms)"])
+# Group expressions: (events, rollup); events values mapped to what a rollup key stores.
+GROUPS: dict[str, tuple[str, str]] = {
+    "instance": ("instance", "instance"),
+    "provider": ("provider", "provider"),
+    "analytics_model": ("analytics_model", "analytics_model"),
+    "account_key": ("account_key", "account_key"),
+    "api_key_hash": ("coalesce(api_key_hash, '')", "api_key_hash"),
+    "status_class": ("status_class", "status_class"),
+    "status_code": ("coalesce(status_code, 0)", "status_code"),
+    "failed": ("failed", "failed"),
+    "failure_type": ("failure_type", "failure_type"),
+    "request_type": ("coalesce(request_type, '')", "request_type"),
+    "cache_state": ("cache_state", "cache_state"),
+}
+
+
+def empty() -> list[Any]:
+    return [0] * len(SUMS) + [None, None]
+
+
+def add_into(into: list[Any], row: Sequence[Any]) -> None:
+    n = len(SUMS)
+    for i in range(n):
+        into[i] += row[i]
+    for i in (n, n + 1):
+        if row[i] is not None and (into[i] is None or row[i] > into[i]):
+            into[i] = row[i]
+
+
+def _select(piece: Piece, group: Sequence[str], step: int | None) -> tuple[str, str]:
+    side = 0 if piece.table == RAW else 1
+    exprs = [GROUPS[g][side] for g in group]
+    if step is not None:
+        exprs.insert(0, "ts_ms - (ts_ms % ?)" if side == 0 else "bucket_ms - (bucket_ms % ?)")
+    return ", ".join(exprs), ", ".join(str(i + 1) for i in range(len(exprs)))
+
+
+@dataclass
+class Reader:
+    """Reads one target's pieces: grouped sums, sketches/values, distinct keys."""
+
+    conn: Any
+    clauses: Sequence[Clause]
+    rollups: bool = True
+    _translation: Any = field(default=False, repr=False)
+    used_rollups: bool = False
+
+    def translation(self) -> Translation | None:
+        if self._translation is False:
+            self._translation = translate(self.conn, self.clauses)
+        return self._translation
+
+    def plan(self, from_ms: int, to_ms: int, dims: Iterable[str] = (), *, sketches: bool = False,
+             step: int | None = None) -> Plan:
+        p = plan(self.conn, self.clauses, from_ms, to_ms, dims, sketches=sketches, step=step,
+                 rollups=self.rollups, translation=self.translation())
+        self.used_rollups = self.used_rollups or p.uses_rollups
+        return p
+
+    def sums(self, from_ms: int, to_ms: int, group: Sequence[str] = (), *, step: int | None = None,
+             extra_where: str = "") -> dict[tuple, list[Any]]:
+        """Group key (bucket first when `step`) -> SUMS + [last_ms, last_failure_ms]."""
+        out: dict[tuple, list[Any]] = {}
+        p = self.plan(from_ms, to_ms, group, step=step)
+        for piece in p.pieces:
+            where, params = p.where(piece, self.clauses)
+            sel, by = _select(piece, group, step)
+            table = "events" if piece.table == RAW else piece.table
+            measures = RAW_MEASURES if piece.table == RAW else ROLLUP_MEASURES
+            head = [step] if step is not None else []
+            if sel:
+                sql = f"SELECT {sel}, {measures} FROM {table} WHERE {where} GROUP BY {by}"
+            else:
+                sql = f"SELECT {measures} FROM {table} WHERE {where}"
+            width = len(group) + (1 if step is not None else 0)
+            for row in self.conn.execute(sql, (*head, *params)):
+                if not sel and row[0] == 0:
+                    continue  # an aggregate without GROUP BY yields a row even when empty
+                key = tuple(row[:width])
+                have = out.get(key)
+                if have is None:
+                    out[key] = list(row[width:])
+                else:
+                    add_into(have, row[width:])
+        return out
+
+    def distribution(self, column: str, from_ms: int, to_ms: int, group: Sequence[str] = (), *,
+                     step: int | None = None) -> "Distributions":
+        """Latency or TTFT samples per group: merged rollup sketches plus raw edge values."""
+        out = Distributions()
+        p = self.plan(from_ms, to_ms, group, sketches=True, step=step)
+        out.approximate = p.uses_rollups
+        width = len(group) + (1 if step is not None else 0)
+        for piece in p.pieces:
+            where, params = p.where(piece, self.clauses)
+            sel, _ = _select(piece, group, step)
+            head = [step] if step is not None else []
+            lead = f"{sel}, " if sel else ""
+            if piece.table == RAW:
+                sql = f"SELECT {lead}{column} FROM events WHERE {where} AND {column} > 0"
+                for row in self.conn.execute(sql, (*head, *params)):
+                    out.values.setdefault(tuple(row[:width]), []).append(row[width])
+            else:
+                blob = "latency_sketch" if column == "latency_ms" else "ttft_sketch"
+                sql = f"SELECT {lead}{blob} FROM {piece.table} WHERE {where} AND {blob} IS NOT NULL"
+                for row in self.conn.execute(sql, (*head, *params)):
+                    key = tuple(row[:width])
+                    target = out.sketches.get(key)
+                    if target is None:
+                        target = out.sketches[key] = Sketch()
+                    for i, c in sketch.decode(row[width]).items():
+                        target.bins[i] = target.bins.get(i, 0) + c
+                    target.count = -1  # recomputed in finish()
+        out.finish()
+        return out
+
+    def distinct(self, column: str, from_ms: int, to_ms: int, skip: str) -> set[str]:
+        """Distinct values of a key column (`skip`, the 'none' value, excluded), exact."""
+        found: set[str] = set()
+        p = self.plan(from_ms, to_ms, (column,))
+        for piece in p.pieces:
+            where, params = p.where(piece, self.clauses)
+            if piece.table == RAW:
+                sql = f"SELECT DISTINCT {GROUPS[column][0]} FROM events WHERE {where}"
+            else:
+                sql = f"SELECT DISTINCT {column} FROM {piece.table} WHERE {where} AND requests > 0"
+            found.update(r[0] for r in self.conn.execute(sql, params))
+        found.discard(skip)
+        found.discard(None)
+        return found
+
+
+@dataclass
+class Distributions:
+    """Per group: a Sketch (when rollups took part) or the exact sorted values."""
+
+    values: dict[tuple, list[float]] = field(default_factory=dict)
+    sketches: dict[tuple, Sketch] = field(default_factory=dict)
+    approximate: bool = False
+
+    def finish(self) -> None:
+        for sk in self.sketches.values():
+            sk.count = sum(sk.bins.values())
+        if self.approximate:
+            for key, vals in self.values.items():
+                target = self.sketches.setdefault(key, Sketch())
+                target.extend(vals)
+            self.values = {}
+        else:
+            for vals in self.values.values():
+                vals.sort()
+
+    def keys(self) -> set[tuple]:
+        return set(self.values) | set(self.sketches)
+
+    def merged(self, keys: Iterable[tuple]) -> "Distributions":
+        """One group from several (the timeseries `other` series)."""
+        out = Distributions(approximate=self.approximate)
+        for key in keys:
+            if key in self.sketches:
+                out.sketches.setdefault((), Sketch()).merge(self.sketches[key])
+            if key in self.values:
+                out.values.setdefault((), []).extend(self.values[key])
+        for vals in out.values.values():
+            vals.sort()
+        return out
+
+    def percentiles(self, key: tuple, pcts: Sequence[int]) -> list[float | None]:
+        if key in self.sketches:
+            sk = self.sketches[key]
+            return sk.quantiles([p / 100 for p in pcts]) if sk.count else [None] * len(pcts)
+        vals = self.values.get(key)
+        if not vals:
+            return [None] * len(pcts)
+        n = len(vals)
+        return [vals[max(1, (n * p + 99) // 100) - 1] for p in pcts]
+
+
+def cost_usd(nusd: int) -> float:
+    return nusd / 1e9
+
+
+# --- labels ------------------------------------------------------------------------------
+
+# dim -> (rollup_aliases dim, events label column)
+LABELS = {"account_key": ("account", "account"), "api_key_hash": ("api_key", "api_key_masked")}
+
+
+def labels(reader: Reader, column: str, keys: Iterable[str], from_ms: int, to_ms: int) -> dict[str, str | None]:
+    """max(label) per key over the window's matching events, like a GROUP BY on events would give.
+
+    A key whose events have only ever carried one label (rollup_aliases) has that label
+    whatever the window; the others are read from events (an index seek per key).
+    """
+    dim, label_col = LABELS[column]
+    wanted = sorted({str(k) for k in keys})
+    out: dict[str, str | None] = {}
+    if not wanted:
+        return out
+    ambiguous = []
+    sql = ("SELECT key, count(DISTINCT alias1), max(alias1) FROM rollup_aliases "
+           "WHERE dim = ? AND key IN (SELECT value FROM json_each(?)) GROUP BY key")
+    for key, n, label in reader.conn.execute(sql, (dim, json.dumps(wanted))):
+        if n == 1:
+            out[key] = label or None
+        else:
+            ambiguous.append(key)
+    ambiguous += [k for k in wanted if k not in out and k not in ambiguous]
+    if ambiguous:
+        p = Plan([Piece(RAW, from_ms, to_ms)], reader.translation())
+        where, params = p.where(p.pieces[0], reader.clauses)
+        expr = GROUPS[column][0]
+        sql = f"SELECT max({label_col}) FROM events WHERE {where} AND {expr} = ?"
+        for key in ambiguous:
+            out[key] = reader.conn.execute(sql, (*params, key)).fetchone()[0]
+    return out
