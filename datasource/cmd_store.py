@@ -157,8 +157,9 @@ def prune_command(older_than: str | None, settings: Settings) -> None:
 @settings_options
 def backup_command(dest: str, settings: Settings) -> None:
     """Copy the live database to DEST with SQLite's online backup."""
-    try:
-        store.backup(_open(settings), dest)
+    try:  # read-only: no migration write to queue behind a busy collector (a backup only reads)
+        source = connect(settings.db, readonly=True, busy_timeout_ms=settings.busy_timeout_ms)
+        store.backup(source, dest, busy_timeout_ms=settings.busy_timeout_ms)
     except (ValueError, store.StoreError) as exc:
         raise click.ClickException(f"backup failed: {exc}") from exc
     click.echo(f"backed up {settings.db} to {dest}")

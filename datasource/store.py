@@ -196,15 +196,25 @@ def prune(conn: apsw.Connection, older_than_ms: int, *, batch: int = 5000) -> in
     return deleted
 
 
-def backup(conn: apsw.Connection, dest_path: str) -> None:
+def backup(conn: apsw.Connection, dest_path: str, *, busy_timeout_ms: int = 5000) -> None:
     """Copy the live database to dest_path with SQLite's online backup API."""
     if os.path.abspath(dest_path) == os.path.abspath(conn.filename):
         raise ValueError("backup destination is the database itself")
     dest = apsw.Connection(dest_path)
+    deadline = time.monotonic() + max(busy_timeout_ms, 1000) / 1000
     try:
+        # One step copies every page under one read snapshot of the source: in WAL mode writers
+        # carry on meanwhile, and the copy is a consistent point in time. Smaller steps restart
+        # from scratch whenever the collector commits in between, so under ingest they may never
+        # finish. A step can still meet SQLITE_BUSY (a checkpoint resetting the WAL): retried.
         with dest.backup("main", conn, "main") as job:
             while not job.done:
-                job.step(1024)
+                try:
+                    job.step(-1)
+                except (apsw.BusyError, apsw.LockedError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
     finally:
         dest.close()
     logger.info("backed up %s to %s", conn.filename, dest_path)

@@ -1,0 +1,240 @@
+"""Operations (issue 7): a bounded WAL under ingest with readers, the daily retention job, online
+backup during ingestion, and the documented restore procedure run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+
+from click.testing import CliRunner
+
+from collector_helpers import FAST, KEY, event, event_count, query, request_ids, scalar, settings_for, wait_for
+from datasource import collector as collector_module
+from datasource import rollup, store
+from datasource.cli import cli
+from datasource.collector import CollectorService
+from datasource.db import connect, open_database
+from datasource.normalize import normalize
+from redis_server import RedisServer
+from test_rollup import assert_matches_raw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAY_S = 86_400
+
+
+def _push(server: RedisServer, start: int, stop: int) -> None:
+    pipe = server.client().pipeline(transaction=False)
+    for i in range(start, stop):
+        pipe.rpush("usage", event(i))
+    pipe.execute()
+
+
+def _numbers(db: str) -> list[int]:
+    return [int(r[1:]) for r in request_ids(db)]
+
+
+# --- WAL --------------------------------------------------------------------------------------
+def test_wal_stays_bounded_under_ingest_with_busy_readers(settings, monkeypatch):
+    limit = 4 * 1024 * 1024
+    monkeypatch.setattr(collector_module, "WAL_TRUNCATE_BYTES", limit)
+    conn = open_database(settings.db)
+    assert (conn.pragma("wal_autocheckpoint"), conn.pragma("journal_size_limit")) == (1000, 64 * 1024 * 1024)
+    conn.close()
+    total = 8000
+    with RedisServer(KEY) as server:
+        svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left"), timing=FAST)
+        svc.start()
+        stop, biggest, queries = threading.Event(), [0], [0]
+
+        def reader() -> None:  # a dashboard that never pauses: its reads always overlap
+            c = connect(settings.db, readonly=True)
+            while not stop.is_set():
+                c.execute("SELECT count(*), sum(input_tokens) FROM events").fetchall()
+                queries[0] += 1
+            c.close()
+
+        def sampler() -> None:
+            while not stop.is_set():
+                try:
+                    biggest[0] = max(biggest[0], os.path.getsize(settings.db + "-wal"))
+                except OSError:
+                    pass
+                time.sleep(0.01)
+
+        try:
+            server.enqueue(event(0))
+            wait_for(lambda: event_count(settings.db) == 1)
+            threads = [threading.Thread(target=reader) for _ in range(2)] + [threading.Thread(target=sampler)]
+            for t in threads:
+                t.start()
+            _push(server, 1, total)
+            wait_for(lambda: event_count(settings.db) == total, timeout=120)
+        finally:
+            stop.set()
+            svc.stop()
+        for t in threads:
+            t.join()
+    assert svc.wal_checkpoints >= 1 and queries[0] > 100
+    # bound: the threshold plus what ~0.3 s of ingest (one supervisor tick) and one checkpoint's wait add
+    assert biggest[0] < limit + 4 * 1024 * 1024, biggest[0]
+    assert _numbers(settings.db) == list(range(total))
+    print(f"\nWAL max {biggest[0] / 2**20:.1f} MiB with a {limit >> 20} MiB truncate threshold, "
+          f"{svc.wal_checkpoints} truncating checkpoints, {queries[0]} reader queries")
+
+
+# --- retention ----------------------------------------------------------------------------------
+def _rollup_requests(db: str) -> list[int]:
+    return [int(scalar(db, f"SELECT coalesce(sum(requests), 0) FROM {spec.table}")) for spec in rollup.SPECS]
+
+
+def test_retention_runs_daily_in_the_collector_and_keeps_rollups(settings):
+    conn = open_database(settings.db)
+    store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(10)], origin="test")
+    conn.close()
+    clock = [time.time() + 40 * DAY_S]  # the test events are now 40 days old; retention is 30 days
+    with RedisServer(KEY) as server:
+        cfg = settings_for(settings, server.url, collector_mode="resp", retention_days=30)
+        svc = CollectorService(cfg, timing=FAST, now=lambda: clock[0])
+        svc.start()
+        try:
+            wait_for(lambda: event_count(settings.db) == 0)  # the first tick prunes
+            assert _rollup_requests(settings.db) == [10] * len(rollup.SPECS)
+            conn = open_database(settings.db)
+            store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(10, 15)],
+                               origin="test")
+            conn.close()
+            clock[0] += 23 * 3600
+            time.sleep(1.0)  # three supervisor ticks: not a day yet
+            assert event_count(settings.db) == 5
+            clock[0] += 3600
+            wait_for(lambda: event_count(settings.db) == 0)
+        finally:
+            svc.stop()
+    assert _rollup_requests(settings.db) == [15] * len(rollup.SPECS)
+    assert scalar(settings.db, "SELECT count(*) FROM event_ledger") == 15  # a pruned event stays a duplicate
+
+
+# --- backup and restore -------------------------------------------------------------------------
+def _check_backup(path: str) -> list[int]:
+    conn = connect(path, readonly=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        ids = sorted(int(r[0][1:]) for r in conn.execute("SELECT request_id FROM events"))
+        assert conn.execute("SELECT count(*) FROM event_ledger").fetchone()[0] == len(ids)
+        assert_matches_raw(conn)
+        return ids
+    finally:
+        conn.close()
+
+
+def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
+    total = 12000
+    with RedisServer(KEY) as server:
+        _push(server, 0, total)
+        svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
+                                            batch_size=100), timing=FAST)
+        svc.start()
+        try:
+            wait_for(lambda: event_count(settings.db) >= 2000, timeout=30, interval=0.01)
+            paths = []
+            for n in range(3):
+                path = str(tmp_path / f"backup-{n}.db")
+                before, started = event_count(settings.db), time.monotonic()
+                result = CliRunner().invoke(cli, ["backup", "--db", settings.db, path])
+                assert result.exit_code == 0, result.output
+                paths.append((path, time.monotonic() - started, before, event_count(settings.db)))
+                time.sleep(0.3)
+            wait_for(lambda: event_count(settings.db) == total, timeout=60)
+        finally:
+            svc.stop()
+    sizes = []
+    for path, seconds, before, after in paths:
+        ids = _check_backup(path)
+        assert ids == list(range(len(ids)))  # pops are oldest first, batches commit in order: a prefix
+        assert before <= len(ids) <= after
+        sizes.append(len(ids))
+        print(f"\nbackup during ingestion: {seconds:.2f} s, {len(ids)} events (live db {before} -> {after})")
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] < total  # taken while the collector wrote
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(db: str, url: str, port: int, log) -> subprocess.Popen:
+    args = [sys.executable, "-m", "datasource", "serve", "--db", db, "--bind", f"127.0.0.1:{port}",
+            "--api-token", "ops-token-1", "--cpa-url", url, "--cpa-management-key", KEY,
+            "--collector-mode", "resp", "--pop-side", "left", "--poll-interval-ms", "100"]
+    return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def _requests(port: int) -> int:
+    body = {"range": {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"},
+            "targets": [{"refId": "S", "target": "summary"}]}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer ops-token-1"})
+    with urllib.request.urlopen(req, timeout=10) as response:
+        [frame] = json.loads(response.read())
+    return {f["name"]: f["values"] for f in frame["fields"]}["requests"][0]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_restore_procedure_end_to_end(tmp_path):
+    """docs/storage.md: stop the service, copy the backup over the database (removing -wal/-shm),
+    start it: /query answers with the backed-up counts and the collector keeps ingesting."""
+    db, backup = str(tmp_path / "monitor.db"), str(tmp_path / "backup.db")
+    log = open(tmp_path / "serve.log", "w+")
+    with RedisServer(KEY) as server:
+        port = _free_port()
+        proc = _serve(db, server.url, port, log)
+        try:
+            _push(server, 0, 300)
+            wait_for(lambda: event_count(db) == 300, timeout=30)
+            assert CliRunner().invoke(cli, ["backup", "--db", db, backup]).exit_code == 0
+            _push(server, 300, 500)  # after the backup: lost by the restore, as documented
+            wait_for(lambda: event_count(db) == 500, timeout=30)
+        finally:
+            _stop(proc)
+        assert proc.returncode == 0
+        for suffix in ("", "-wal", "-shm"):  # the restore: copy in, drop the old WAL and index
+            if os.path.exists(db + suffix):
+                os.remove(db + suffix)
+        shutil.copyfile(backup, db)
+        proc = _serve(db, server.url, port, log)
+        try:
+            wait_for(lambda: _try(lambda: _requests(port)) == 300, timeout=30)
+            _push(server, 250, 260)  # re-delivered events from the backup: duplicates, not new rows
+            _push(server, 600, 650)
+            wait_for(lambda: event_count(db) == 350, timeout=30)
+            assert _requests(port) == 350
+        finally:
+            _stop(proc)
+    assert _numbers(db) == list(range(300)) + list(range(600, 650))
+    assert query(db, "SELECT duplicates FROM collector_status") == [(10,)]
+    assert connect(db, readonly=True).execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:  # not listening yet
+        return None
