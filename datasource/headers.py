@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any, Mapping
 
-from datasource.sanitize import HEADER_VALUE_MAX_BYTES, clean_text, redact_text
+from datasource.sanitize import CACHE_SIZE, HEADER_VALUE_MAX_BYTES, clean_text, redact_text
 
 _TRACE_ORDER = ("x-oai-request-id", "x-request-id", "x-oneapi-request-id", "x-cloudaicompanion-trace-id",
                 "cf-ray", "eagleid", "x-client-request-id", "x-zeabur-request-id")
@@ -28,6 +29,9 @@ _RESPONSE = ("content-type", "content-disposition", "server-timing")
 _RATE_LIMITS = tuple(f"x-ratelimit-{a}-{b}" for a in ("limit", "remaining") for b in ("requests", "tokens"))
 _AUTH_CODES = frozenset({"token_revoked", "token_invalidated", "account_deactivated", "401"})
 _KEPT_TOKEN_HEADERS = frozenset({"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"})
+# Every header _errors and _error_class read.
+_ERROR_NAMES = frozenset({"retry-after", "x-should-retry", "x-openai-authorization-error", "x-openai-ide-error-code",
+                          "x-openai-ide-root-error-code", "x-ratelimit-bypass"})
 _INT = re.compile(r"^[+-]?\d{1,18}$")
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
@@ -72,6 +76,7 @@ class HeaderMeta:
         return json.dumps(self.meta, separators=(",", ":"), sort_keys=True) if self.meta else None
 
 
+@lru_cache(maxsize=1024)
 def _dropped(name: str) -> bool:
     if "token" in name and name not in _KEPT_TOKEN_HEADERS:
         return True
@@ -83,20 +88,30 @@ def _dropped(name: str) -> bool:
 def header_values(raw: object) -> dict[str, str]:
     """Lower-cased header name -> first non-empty value, sanitized and capped; secrets dropped."""
     out: dict[str, str] = {}
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, (dict, Mapping)):  # dict first: a Mapping check alone is slow
         return out
     for name, value in raw.items():
-        key = str(name).strip().lower()
+        key = _name(name)
         if not key or _dropped(key) or key in out:
             continue
         items = value if isinstance(value, list) else [value]
         for item in items:
             if isinstance(item, (str, int, float)) and not isinstance(item, bool):
-                text = clean_text(redact_text(str(item)), HEADER_VALUE_MAX_BYTES)
+                text = _clean_value(str(item))
                 if text:
                     out[key] = text
                     break
     return out
+
+
+@lru_cache(maxsize=1024)
+def _name(name: object) -> str:
+    return str(name).strip().lower()
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _clean_value(text: str) -> str | None:
+    return clean_text(redact_text(text), HEADER_VALUE_MAX_BYTES)
 
 
 def safe_headers(raw: object) -> dict[str, list[str]]:
@@ -170,6 +185,8 @@ def _window_dict(w: QuotaWindow) -> dict[str, Any]:
 
 def _quota(values: dict[str, str], event_ms: int) -> tuple[dict[str, Any], list[QuotaWindow]]:
     section: dict[str, Any] = {}
+    if not any(name.startswith("x-codex-") for name in values):  # every quota header is x-codex-*
+        return section, []
     for name in _QUOTA_SCALARS:
         if name in values:
             section[name.removeprefix("x-codex-").replace("-", "_")] = values[name]
@@ -253,6 +270,8 @@ def _simple_sections(values: dict[str, str]) -> dict[str, Any]:
 def _errors(values: dict[str, str], event_ms: int) -> tuple[dict[str, Any], tuple[str | None, str | None],
                                                               int | None, bool | None]:
     section: dict[str, Any] = {}
+    if values.keys().isdisjoint(_ERROR_NAMES):  # nothing below would find a header
+        return section, (None, None), None, None
     retry_s, retry_at = _retry_after(values.get("retry-after"), event_ms)
     if retry_s is not None:
         section.update(retry_after_seconds=retry_s, retry_after_recover_at_ms=retry_at)

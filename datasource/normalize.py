@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any, Mapping
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 MAX_DEPTH = 32
 CONTROL_KEYS = frozenset({"support_refresh", "refresh"})
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _LABEL = sanitize.LABEL_MAX_BYTES
 
 
@@ -50,16 +52,32 @@ def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | N
         return Rejected("payload JSON is nested too deeply", payload)
     except ValueError as exc:
         return Rejected(f"payload is not valid JSON: {str(exc)[:200]}", payload)
-    return normalize_obj(obj, payload, instance=instance, pricer=pricer, now_ms=now_ms)
+    return normalize_obj(obj, payload, instance=instance, pricer=pricer, now_ms=now_ms,
+                         _plain=_plain_text(text))
+
+
+def _plain_text(text: str) -> bool:
+    """True when the JSON text cannot decode to a lone surrogate or nest past MAX_DEPTH.
+
+    Valid UTF-8 holds no surrogates, so one can only come from a `\\uD800`-`\\uDFFF` escape;
+    nesting needs at least MAX_DEPTH + 2 brackets. Both checks run in C; a payload that fails
+    them (it may still be fine) gets the full walk.
+    """
+    if text.count("{") + text.count("[") > MAX_DEPTH + 1:
+        return False
+    return "\\u" not in text or not _SURROGATE_ESCAPE.search(text)
 
 
 def normalize_obj(obj: object, raw: bytes, *, instance: str = "default", pricer: Pricer | None = None,
-                  now_ms: int | None = None) -> Normalized | Control | Rejected:
-    """Normalize an already decoded JSON value; `raw` is kept for dead letters. Never raises."""
+                  now_ms: int | None = None, _plain: bool = False) -> Normalized | Control | Rejected:
+    """Normalize an already decoded JSON value; `raw` is kept for dead letters. Never raises.
+
+    `_plain` (normalize's own fast path) vouches that `obj` holds no lone surrogate and is shallow.
+    """
     try:
         if not isinstance(obj, dict):
             raise _Invalid(f"payload is a JSON {_json_type(obj)}, not an object")
-        if _needs_fix(obj, 0):
+        if not _plain and _needs_fix(obj, 0):
             obj = _checked(obj, 0)
         control = _control(obj)
         if control:
@@ -152,7 +170,8 @@ def _failed(obj: Mapping[str, Any]) -> bool:
 
 
 def _fail_parts(obj: Mapping[str, Any]) -> tuple[int | None, str]:
-    fail = obj.get("fail") if isinstance(obj.get("fail"), Mapping) else {}
+    fail = obj.get("fail")
+    fail = fail if isinstance(fail, (dict, Mapping)) else {}
     status = as_int(fail.get("status_code")) or as_int(obj.get("fail_status_code"))
     body = text_of(fail, ("body",)) if "body" in fail else text_of(obj, ("fail_body",))
     return (status if 0 < status < 1000 else None), body
@@ -213,8 +232,7 @@ def _optional_ms(obj: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
 
 def _outcome(obj: Mapping[str, Any], failed: bool, status: int | None, body: str, meta: HeaderMeta,
              provider: str) -> dict[str, Any]:
-    errors = json.dumps(meta.meta.get("errors", {}), sort_keys=True)
-    text = f"{body}\n{errors}" if failed else ""
+    text = f"{body}\n{json.dumps(meta.meta.get('errors', {}), sort_keys=True)}" if failed else ""
     ftype = classify.failure_type(status, failed, meta.error_kind, meta.error_code, text, meta)
     action = classify.account_action(status, failed, ftype, meta.error_code, text, provider, meta.should_retry)
     summary = sanitize.fail_summary(_summary_text(body, _headers_raw(obj))) if failed else None

@@ -10,6 +10,7 @@ import hashlib
 import math
 import re
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 MAX_ABS_INT = 10**15  # larger "counts" are treated as garbage (0); keeps SQLite sums in range
@@ -58,7 +59,11 @@ def as_text(value: Any) -> str:
 
 
 def text_of(obj: Mapping[str, Any], keys: Sequence[str]) -> str:
-    return as_text(first_present(obj, keys)).strip()
+    for key in keys:
+        value = obj.get(key)
+        if value is not None:
+            return value.strip() if type(value) is str else as_text(value).strip()
+    return ""
 
 
 def as_number(value: Any) -> float | None:
@@ -77,6 +82,10 @@ def as_number(value: Any) -> float | None:
 
 def as_int(value: Any) -> int:
     """Truncate to int; numeric strings parsed; absurd magnitudes, negatives and non-numbers are 0."""
+    if type(value) is int:  # the common case, exact below 2**53 (MAX_ABS_INT is 1e15)
+        return value if 0 <= value <= MAX_ABS_INT else 0
+    if value is None:
+        return 0
     number = as_number(value)
     if number is None or not -MAX_ABS_INT <= number <= MAX_ABS_INT:
         return 0
@@ -106,9 +115,31 @@ def render_ts(ms: int, nanos: str | None = None) -> str:
 
     `nanos` (9 digits) carries sub-millisecond precision; without it the fraction comes from `ms`.
     """
-    base = _EPOCH + timedelta(milliseconds=ms - ms % 1000)
+    seconds = ms // 1000
     fraction = (nanos if nanos is not None else f"{ms % 1000:03d}000000").rstrip("0")
-    return base.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+    minute, second = divmod(seconds % 3600, 60)
+    return f"{_hour_text(seconds // 3600)}:{minute:02d}:{second:02d}" + (f".{fraction}" if fraction else "") + "Z"
+
+
+@lru_cache(maxsize=4096)
+def _hour_text(hours: int) -> str:
+    """'YYYY-MM-DDTHH' of an epoch hour (timestamps repeat the same hours constantly)."""
+    return (_EPOCH + timedelta(hours=hours)).strftime("%Y-%m-%dT%H")
+
+
+@lru_cache(maxsize=4096)
+def _hour_epoch_s(year: str, month: str, day: str, hour: str, zone: str | None) -> int | None:
+    """Epoch seconds of a local date and hour with an RFC 3339 zone; None when invalid."""
+    try:
+        offset = timedelta(0)
+        if zone and zone not in ("Z", "z"):
+            digits = zone[1:].replace(":", "")
+            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            offset = -offset if zone[0] == "-" else offset
+        local = datetime(int(year), int(month), int(day), int(hour), tzinfo=timezone(offset))
+    except (ValueError, OverflowError):
+        return None
+    return int((local - _EPOCH).total_seconds())
 
 
 def _parse_string_ts(text: str) -> tuple[int, str] | None:
@@ -116,18 +147,13 @@ def _parse_string_ts(text: str) -> tuple[int, str] | None:
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        offset = timedelta(0)
-        if zone and zone not in ("Z", "z"):
-            digits = zone[1:].replace(":", "")
-            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-            offset = -offset if zone[0] == "-" else offset
-        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                         tzinfo=timezone(offset))
-    except (ValueError, OverflowError):
+    if int(minute) > 59 or int(second) > 59:
+        return None
+    base = _hour_epoch_s(year, month, day, hour, zone)
+    if base is None:
         return None
     nanos = ((fraction or "")[:9]).ljust(9, "0")
-    seconds = int((local - _EPOCH).total_seconds())
+    seconds = base + int(minute) * 60 + int(second)
     ms = seconds * 1000 + int(nanos[:3])
     return (ms, render_ts(ms, nanos)) if 0 <= ms <= _MAX_MS else None
 

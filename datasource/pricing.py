@@ -117,6 +117,7 @@ class Pricer:
     def __init__(self, prices: Mapping[str, Price]) -> None:
         self.prices = dict(prices)
         self._lower = {k.lower(): v for k, v in self.prices.items()}
+        self._found: dict[str, Price | None] = {}  # lookup memo: models repeat constantly
 
     @classmethod
     def default(cls) -> "Pricer":
@@ -142,6 +143,16 @@ class Pricer:
         """Exact name, then case-insensitive, then without a date suffix, then the gpt-5.6 families."""
         if not model:
             return None
+        try:
+            return self._found[model]
+        except KeyError:
+            pass
+        price = self._lookup(model)
+        if len(self._found) < 4096:
+            self._found[model] = price
+        return price
+
+    def _lookup(self, model: str) -> Price | None:
         for name in (model, _DATE_SUFFIX.sub("", model)):
             price = self.prices.get(name) or self._lower.get(name.lower())
             if price:

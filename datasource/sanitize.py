@@ -6,6 +6,7 @@ metadata). Nothing here does I/O; every function returns a new value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -96,6 +97,11 @@ def _is_blank_rune(ch: str) -> bool:
     return category[0] == "C" or category in ("Zl", "Zp")
 
 
+# Pure per-value work is memoized: real traffic repeats the same user agents, labels, models,
+# keys and header values constantly. Bounded, so unique values (request ids) cannot grow memory.
+CACHE_SIZE = 8192
+
+
 def clean_text(value: str | None, limit: int) -> str | None:
     """Whitespace and non-graphic characters become one space; trimmed; capped at `limit` bytes.
 
@@ -103,6 +109,11 @@ def clean_text(value: str | None, limit: int) -> str | None:
     """
     if not value:
         return None
+    return _clean_text(value, limit)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _clean_text(value: str, limit: int) -> str | None:
     if value.isprintable():  # fast path: the only blank rune is the ASCII space
         cleaned = " ".join(part for part in value.split(" ") if part)
     else:
@@ -126,6 +137,7 @@ def _clean_slow(value: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -163,6 +175,11 @@ def mask_source(source: str | None) -> str | None:
     """Stored form of `source`: e-mails as abc***@domain, secret-looking values as m:abcd...wxyz."""
     if not source:
         return None
+    return _mask_source(source)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _mask_source(source: str) -> str | None:
     if "@" in source:
         masked = mask_email(source)
     elif looks_secret(source):

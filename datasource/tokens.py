@@ -64,15 +64,15 @@ class TokenCounts:
 
 def _containers(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     found = [obj.get("tokens"), obj.get("usage")]
-    return [c for c in found if isinstance(c, Mapping)] + [obj]
+    return [c for c in found if isinstance(c, (dict, Mapping))] + [obj]  # dict first: Mapping alone is slow
 
 
 def read_count(containers: list[Mapping[str, Any]], keys: tuple[str, ...]) -> int:
     """First non-zero count: tokens.{key}, then usage.{key}, then the top level; aliases in order."""
     for container in containers:
         for key in keys:
-            value = as_int(container.get(key))
-            if value:
+            value = container.get(key)
+            if value is not None and (value := as_int(value)):
                 return value
     return 0
 
