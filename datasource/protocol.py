@@ -23,6 +23,8 @@ DEFAULT_MAX_DATA_POINTS = 1000
 MIN_INTERVAL_MS = 1000
 DEFAULT_QUERY_WINDOW_MS = 6 * 3600 * 1000
 DEFAULT_LOOKUP_WINDOW_MS = 7 * 24 * 3600 * 1000
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z; SQLite integers must not overflow
+MAX_COUNT = 2**53  # intervalMs and maxDataPoints (exact in a float)
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _BRACKET = re.compile(r"[\[\]{}]")
 
@@ -108,6 +110,13 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _request(body: Any) -> dict[str, Any]:
+    """The top-level body: an object (an empty body was already read as `{}`); JSON null is refused."""
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object")
+    return body
+
+
 def _payload(value: Any, what: str) -> dict[str, Any]:
     """A payload given as an object, a JSON string (code mode) or nothing."""
     if isinstance(value, str):
@@ -131,13 +140,17 @@ def parse_time(value: Any, what: str) -> int:
     if isinstance(value, bool) or value is None:
         raise ProtocolError(f"{what} must be an ISO time or epoch milliseconds", "BAD_RANGE")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError(f"{what} must be finite", "BAD_RANGE")
+        if not -MAX_TIME_MS <= value <= MAX_TIME_MS:  # compared before int(): a huge int stays exact
+            raise ProtocolError(f"{what} is out of range (epoch ms of the years 1 to 9999)", "BAD_RANGE")
         return int(value)
     if isinstance(value, str):
         text = value.strip()
         if re.fullmatch(r"-?\d+(\.\d+)?", text):
-            return int(float(text))
+            if len(text) > 24:
+                raise ProtocolError(f"{what} is out of range (epoch ms of the years 1 to 9999)", "BAD_RANGE")
+            return parse_time(float(text) if "." in text else int(text), what)
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
@@ -171,10 +184,10 @@ def _positive_int(value: Any, what: str, default: int) -> int:
         raise ProtocolError(f"{what} must be a positive number")
     try:
         number = float(value)
-    except ValueError:
-        raise ProtocolError(f"{what} must be a positive number") from None
-    if not math.isfinite(number) or number < 1:
-        raise ProtocolError(f"{what} must be a positive number")
+    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
+        raise ProtocolError(f"{what} must be a positive number up to {MAX_COUNT}") from None
+    if not math.isfinite(number) or number < 1 or number > MAX_COUNT:
+        raise ProtocolError(f"{what} must be a positive number up to {MAX_COUNT}")
     return int(number)
 
 
@@ -182,20 +195,20 @@ def _positive_int(value: Any, what: str, default: int) -> int:
 
 
 def adhoc_filters(body: Mapping[str, Any]) -> tuple[Clause, ...]:
-    """Ad hoc filters from `filters` (Grafana >= 10.2) or `adhocFilters` (older)."""
-    items = body.get("filters")
-    if not items:
-        items = body.get("adhocFilters")
-    if items is None:
-        return ()
-    if not isinstance(items, list):
-        raise ProtocolError("filters must be a list of {key, operator, value}")
-    return tuple(filters.clauses_from_adhoc(items))
+    """Ad hoc filters from `filters` (Grafana >= 10.2) or `adhocFilters` (older); both are
+    checked, the first non-empty one applies."""
+    found: list[tuple[Clause, ...]] = []
+    for name in ("filters", "adhocFilters"):
+        items = body.get(name)
+        if items is not None and not isinstance(items, list):
+            raise ProtocolError(f"{name} must be a list of {{key, operator, value}}")
+        found.append(tuple(filters.clauses_from_adhoc(items or [])))
+    return found[0] or found[1]
 
 
 def parse_query(body: Any, *, now_ms: int | None = None) -> list[QueryTarget]:
     """The targets of a /query body, hidden and metric-less ones skipped."""
-    obj = _object(body, "request body")
+    obj = _request(body)
     now = _now(now_ms)
     from_ms, to_ms = parse_range(obj.get("range"), now, DEFAULT_QUERY_WINDOW_MS)
     max_points = _positive_int(obj.get("maxDataPoints"), "maxDataPoints", DEFAULT_MAX_DATA_POINTS)
@@ -207,7 +220,12 @@ def parse_query(body: Any, *, now_ms: int | None = None) -> list[QueryTarget]:
         raise ProtocolError("targets must be a list")
     out: list[QueryTarget] = []
     for index, item in enumerate(targets):
-        target = _object(item, f"targets[{index}]")
+        if not isinstance(item, dict):
+            raise ProtocolError(f"targets[{index}] must be a JSON object")
+        target = item
+        for key in ("payload", "data"):  # type-checked even on skipped targets; decoded on visible ones
+            if not isinstance(target.get(key), (dict, str, type(None))):
+                raise ProtocolError(f"targets[{index}].{key} must be a JSON object or its JSON text")
         name = target.get("target")
         if target.get("hide") is True or name is None or name == "":
             continue
@@ -223,7 +241,7 @@ def parse_query(body: Any, *, now_ms: int | None = None) -> list[QueryTarget]:
 
 def parse_variable(body: Any, *, now_ms: int | None = None) -> LookupRequest:
     """A /variable body: `payload.target` names the dimension; other payload keys filter."""
-    obj = _object(body, "request body")
+    obj = _request(body)
     payload = dict(_payload(obj.get("payload"), "payload"))
     name = _string(payload.pop("target", None), "payload.target")
     from_ms, to_ms = parse_range(obj.get("range"), _now(now_ms), DEFAULT_LOOKUP_WINDOW_MS)
@@ -232,7 +250,7 @@ def parse_variable(body: Any, *, now_ms: int | None = None) -> LookupRequest:
 
 def parse_tag_values(body: Any, *, now_ms: int | None = None) -> LookupRequest:
     """A /tag-values body: `key`, the other ad hoc filters and `timeRange` (or `range`)."""
-    obj = _object(body, "request body")
+    obj = _request(body)
     name = _string(obj.get("key"), "key")
     window = obj.get("timeRange") if obj.get("timeRange") is not None else obj.get("range")
     from_ms, to_ms = parse_range(window, _now(now_ms), DEFAULT_LOOKUP_WINDOW_MS)
@@ -241,11 +259,11 @@ def parse_tag_values(body: Any, *, now_ms: int | None = None) -> LookupRequest:
 
 def parse_object(body: Any) -> dict[str, Any]:
     """Bodies whose content does not change the answer (/metrics, /search, /tag-keys)."""
-    return _object(body, "request body")
+    return _request(body)
 
 
 def parse_payload_options(body: Any) -> PayloadOptionsRequest:
-    obj = _object(body, "request body")
+    obj = _request(body)
     return PayloadOptionsRequest(
         _string(obj.get("metric"), "metric"),
         _string(obj.get("name"), "name"),
@@ -255,7 +273,7 @@ def parse_payload_options(body: Any) -> PayloadOptionsRequest:
 
 def parse_annotations(body: Any, *, now_ms: int | None = None) -> AnnotationRequest:
     """A SimpleJSON /annotations body; `annotation.query` is a kind or a JSON payload."""
-    obj = _object(body, "request body")
+    obj = _request(body)
     annotation = _object(obj.get("annotation"), "annotation")
     query = annotation.get("query")
     query = query.strip() if isinstance(query, str) else ""
