@@ -14,7 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 from datasource import filters
 from datasource.model import BadRequest, Frame
 from datasource.query_common import UNITS, Ctx, table_frame
-from datasource.query_plan import IDX
 from datasource.query_series import bucket_step, bucket_times
 
 KINDS = ("failure_spikes", "collector_gaps", "account_status")
@@ -62,8 +61,8 @@ def failure_spikes(ctx: Ctx) -> list[tuple]:
     step = bucket_step(spec.from_ms, spec.to_ms, spec.interval_ms, spec.max_data_points)
     times = bucket_times(spec.from_ms, spec.to_ms, step)
     start = times[0] - BASELINE_BUCKETS * step if times else spec.from_ms
-    sums = ctx.reader.sums(start, spec.to_ms, step=step)
-    counts = {b: (v[IDX["requests"]], v[IDX["failures"]]) for (b,), v in sums.items()}
+    sums = ctx.reader.sums(start, spec.to_ms, step=step, measures=("requests", "failures"))
+    counts = {b: (n, f) for (b,), (n, f) in sums.items()}
     out = []
     for b in times:
         baseline = sum(counts.get(b - i * step, (0, 0))[1] for i in range(1, BASELINE_BUCKETS + 1))

@@ -6,7 +6,7 @@ from typing import Any
 
 from datasource.model import BadRequest, Field, Frame
 from datasource.query_common import Ctx, payload_choice, payload_int, ratio
-from datasource.query_plan import IDX, cost_usd, labels
+from datasource.query_plan import cost_usd, labels
 
 MIN_STEP_MS = 1000
 MAX_BUCKETS = 10_000
@@ -124,19 +124,19 @@ def timeseries(ctx: Ctx) -> list[Frame]:
         cells = {(b, split_value(split_by, s[0]) if s else ""): (b, *s) for b, *s in dist.keys()}
         totals = {}
         if split_by:
-            for (s_val,), v in reader.sums(spec.from_ms, spec.to_ms, group).items():
-                totals[split_value(split_by, s_val)] = (v[IDX["requests"]], v[IDX["requests"]])
+            for (s_val,), (n,) in reader.sums(spec.from_ms, spec.to_ms, group, measures=("requests",)).items():
+                totals[split_value(split_by, s_val)] = (n, n)
         keep = _ranked(totals, top) if split_by else [""]
     else:
-        sums = reader.sums(spec.from_ms, spec.to_ms, group, step=step)
+        wanted = (num, arg or "requests", "requests")
+        sums = reader.sums(spec.from_ms, spec.to_ms, group, step=step, measures=wanted)
         cells = {}
         totals = {}
-        n_i, d_i, r_i = IDX[num], IDX[arg] if arg else None, IDX["requests"]
-        for (b, *s), v in sums.items():
+        for (b, *s), (n, d, r) in sums.items():
             s_val = split_value(split_by, s[0]) if s else ""
-            cells[(b, s_val)] = [v[n_i], v[d_i] if d_i is not None else 0]
+            cells[(b, s_val)] = [n, d if arg else 0]
             have = totals.get(s_val, (0, 0))
-            totals[s_val] = (have[0] + v[n_i], have[1] + v[r_i])
+            totals[s_val] = (have[0] + n, have[1] + r)
         if kind != "sum":
             totals = {k: (r, r) for k, (_, r) in totals.items()}
         keep = _ranked(totals, top) if split_by else [""]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from datasource.model import Frame
-from datasource.query_plan import IDX, add_into, cost_usd, empty, labels
+from datasource.query_plan import IDX, RAW, Piece, Plan, add_into, cost_usd, empty, labels
 from datasource.query_common import (
-    UNITS, Ctx, payload_choice, payload_int, percentiles_by, ratio, sort_rows, table_frame,
+    UNITS, Ctx, payload_choice, payload_int, ratio, sort_rows, table_frame,
 )
 
 ACCOUNT_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -31,30 +31,25 @@ ACCOUNT_SORTS = {
     "last_seen": (("last_seen", True), ("account_key", False)),
 }
 
-# A single max() makes SQLite take the bare columns from the newest row of each group.
-ACCOUNTS_SQL = """
-SELECT instance, account_key, max(ts_ms), account, provider, auth_file, project_id, auth_index
-FROM events WHERE {where} GROUP BY instance, account_key
-"""
-ACCOUNT_SUMS_SQL = """
-SELECT instance, account_key, count(*), coalesce(sum(failed), 0), coalesce(sum(total_tokens), 0),
-       coalesce(sum(est_cost_usd), 0), avg(nullif(latency_ms, 0))
-FROM events WHERE {where} GROUP BY instance, account_key
+# Per account, seeks on events(account_key, ts_ms): the newest matching event (labels), the
+# newest failure (status, summary) and the newest event carrying quota headers.
+NEWEST_SQL = """
+SELECT account, provider, auth_file, project_id, auth_index FROM events
+WHERE {where} AND instance = ? AND account_key = ? AND ts_ms = ? ORDER BY id DESC LIMIT 1
 """
 LAST_FAILURE_SQL = """
-SELECT instance, account_key, max(ts_ms), status_code, fail_summary
-FROM events WHERE {where} AND failed = 1 GROUP BY instance, account_key
+SELECT status_code, fail_summary FROM events
+WHERE {where} AND instance = ? AND account_key = ? AND ts_ms = ? AND failed = 1 ORDER BY id DESC LIMIT 1
+"""
+QUOTA_SQL = """
+SELECT quota_plan, quota_used_pct, quota_recover_at_ms FROM events
+WHERE {where} AND instance = ? AND account_key = ?
+  AND (quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL)
+ORDER BY ts_ms DESC, id DESC LIMIT 1
 """
 FAILURE_TYPES_SQL = """
 SELECT instance, account_key, failure_type, count(*)
 FROM events WHERE {where} AND failed = 1 GROUP BY instance, account_key, failure_type
-"""
-LATENCIES_SQL = "SELECT instance, account_key, latency_ms FROM events WHERE {where} AND latency_ms > 0"
-QUOTA_SQL = """
-SELECT instance, account_key, max(ts_ms), quota_plan, quota_used_pct, quota_recover_at_ms
-FROM events WHERE {where}
-  AND (quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL)
-GROUP BY instance, account_key
 """
 CPA_STATUS_SQL = "SELECT instance, auth_index, status, disabled, unavailable, name FROM accounts"
 def _cpa_status(status: str | None, disabled: int, unavailable: int) -> str:
@@ -74,30 +69,44 @@ def _top_failure_types(ctx: Ctx, where: str, params: list[Any]) -> dict[tuple, s
     return {k: v[1] for k, v in best.items()}
 
 
+def _first(ctx: Ctx, sql: str, params: list[Any], width: int) -> tuple:
+    found = ctx.rows(sql, params)
+    return tuple(found[0]) if found else (None,) * width
+
+
 def _account_rows(ctx: Ctx) -> list[dict[str, Any]]:
-    where, params = ctx.where()
-    sums = {(r[0], r[1]): r[2:] for r in ctx.rows(ACCOUNT_SUMS_SQL.format(where=where), params)}
-    last_fail = {(r[0], r[1]): r[3:] for r in ctx.rows(LAST_FAILURE_SQL.format(where=where), params)}
-    quota = {(r[0], r[1]): r[3:] for r in ctx.rows(QUOTA_SQL.format(where=where), params)}
-    p95 = percentiles_by((((i, k), v) for i, k, v in ctx.rows(LATENCIES_SQL.format(where=where), params)), [95])
+    spec = ctx.spec
+    reader = ctx.reader
+    sums = reader.sums(spec.from_ms, spec.to_ms, ("instance", "account_key"))
+    p95 = reader.distribution("latency_ms", spec.from_ms, spec.to_ms, ("instance", "account_key"))
+    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], reader.translation())
+    where, params = raw.where(raw.pieces[0], spec.clauses)  # index-friendly form of the filters
     top_types = _top_failure_types(ctx, where, params)
     cpa = {(r[0], r[1]): r[2:] for r in ctx.rows(CPA_STATUS_SQL)}
+    fallback = labels(reader, "account_key", [k for _, k in sums], spec.from_ms, spec.to_ms)
     rows = []
-    for inst, key, last_seen, label, provider, auth_file, project, auth_index in ctx.rows(
-            ACCOUNTS_SQL.format(where=where), params):
-        n, failed, tokens, cost, avg_lat = sums[(inst, key)]
+    for (inst, key), v in sums.items():
+        n, failed = v[IDX["requests"]], v[IDX["failures"]]
+        last_seen, last_failure = v[IDX["last_ms"]], v[IDX["last_failure_ms"]]
+        label, provider, auth_file, project, auth_index = _first(
+            ctx, NEWEST_SQL.format(where=where), [*params, inst, key, last_seen], 5)
+        if label is None and provider is None:  # newest event pruned: rollups outlive raw rows
+            label = fallback.get(key)
+        fail_status, fail_summary = (None, None) if last_failure is None else _first(
+            ctx, LAST_FAILURE_SQL.format(where=where), [*params, inst, key, last_failure], 2)
+        plan_name, used, recover = _first(ctx, QUOTA_SQL.format(where=where), [*params, inst, key], 3)
         status, disabled, unavailable, file_name = cpa.get((inst, auth_index), (None, 0, 0, None))
-        fail_status, fail_summary = last_fail.get((inst, key), (None, None))
-        plan, used, recover = quota.get((inst, key), (None, None, None))
         rows.append({
             "account_key": key, "account": ctx.account_label(label, key), "instance": inst,
             "provider": provider, "auth_file": auth_file or file_name, "project_id": project,
             "status": _cpa_status(status, disabled, unavailable) if (inst, auth_index) in cpa else "unknown",
             "requests": n, "failures": failed, "success_rate": ratio(n - failed, n),
             "top_failure_type": top_types.get((inst, key)), "last_failure_status": fail_status,
-            "last_failure_summary": fail_summary, "total_tokens": tokens, "est_cost_usd": cost,
-            "avg_latency_ms": avg_lat, "p95_latency_ms": p95.get((inst, key), [None])[0],
-            "last_seen": last_seen, "quota_plan": plan, "quota_used_pct": used, "quota_recover_at": recover,
+            "last_failure_summary": fail_summary, "total_tokens": v[IDX["total_tokens"]],
+            "est_cost_usd": cost_usd(v[IDX["cost_nusd"]]),
+            "avg_latency_ms": ratio(v[IDX["latency_sum_ms"]], v[IDX["latency_samples"]]),
+            "p95_latency_ms": p95.percentiles((inst, key), [95])[0],
+            "last_seen": last_seen, "quota_plan": plan_name, "quota_used_pct": used, "quota_recover_at": recover,
         })
     return rows
 
