@@ -6,6 +6,7 @@ from typing import Any
 
 from datasource.model import BadRequest, Frame
 from datasource.query_common import UNITS, Ctx, payload_int, table_frame
+from datasource.query_plan import RAW, Piece, Plan
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
@@ -29,10 +30,13 @@ SELECT ts_ms, id, request_id, trace_id, instance, provider, model, resolved_mode
        reasoning_tokens, cache_state, est_cost_usd, fail_summary
 FROM events
 WHERE {where}
-  AND (? IS NULL OR ts_ms < ? OR (? IS NOT NULL AND ts_ms = ? AND id < ?))
 ORDER BY ts_ms DESC, id DESC
 LIMIT ?
 """
+# The next page: rows strictly before the cursor (ts_ms, id); without before_id (passed as
+# -1, below every id) that is every row before before_ms.
+REQUESTS_AFTER_SQL = REQUESTS_SQL.replace(
+    "WHERE {where}", "WHERE {where} AND ts_ms <= ? AND (ts_ms < ? OR id < ?)")
 
 
 def _cursor(payload: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -75,9 +79,16 @@ def requests(ctx: Ctx) -> list[Frame]:
     payload = ctx.spec.payload
     limit = payload_int(payload, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     before_ms, before_id = _cursor(payload)
-    where, params = ctx.where()
-    cursor = [before_ms, before_ms, before_id, before_ms, before_id]
-    found = ctx.rows(REQUESTS_SQL.format(where=where), [*params, *cursor, limit + 1])
+    spec = ctx.spec
+    # Alias keys (account, model, api key, provider) narrowed to their key column when exact
+    # (query_plan.translate), so events(account_key, ts_ms) and friends serve the newest rows.
+    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], ctx.reader.translation())
+    where, params = raw.where(raw.pieces[0], spec.clauses)
+    if before_ms is None:
+        sql, cursor = REQUESTS_SQL, []
+    else:
+        sql, cursor = REQUESTS_AFTER_SQL, [before_ms, before_ms, -1 if before_id is None else before_id]
+    found = ctx.rows(sql.format(where=where), [*params, *cursor, limit + 1])
     has_more = len(found) > limit
     rows = [_row(ctx, r) for r in found[:limit]]
     last = rows[-1] if rows else None

@@ -265,3 +265,30 @@ def test_pruned_days_answer_from_rollups(tmp_path, traffic):
     # and the raw path, which cannot see pruned rows, answers less
     [raw] = query.execute(conn, _spec("summary", {}, (), (lo, hi), HOUR), rollups=False)
     assert {f.name: f.values[0] for f in raw.fields}["requests"] == 0
+
+
+@pytest.mark.parametrize("fname", ["none", "account-label", "model", "status-failed", "provider"])
+def test_requests_keyset_pages_cover_every_row_once_newest_first(db, filters, fname):
+    lo, hi = RANGES["30h-midnight"]
+    clauses = clauses_from_payload(filters[fname])
+    where, params = query_plan.Plan([query_plan.Piece("", lo, hi)], None).where(
+        query_plan.Piece("", lo, hi), clauses)
+    want = [r[0] for r in db.execute(f"SELECT id FROM events WHERE {where} ORDER BY ts_ms DESC, id DESC", params)]
+    assert len(want) > 60
+    got, payload = [], {"limit": 37}
+    while True:
+        [frame] = query.execute(db, _spec("requests", payload, clauses, (lo, hi), HOUR))
+        cols = {f.name: f.values for f in frame.fields}
+        got += cols["id"]
+        if not frame.meta["has_more"]:
+            break
+        payload = {"limit": 37, "before_ms": frame.meta["next_before_ms"], "before_id": frame.meta["next_before_id"]}
+    assert got == want
+
+
+def test_requests_before_ms_alone_starts_strictly_before_that_time(db):
+    lo, hi = RANGES["whole-day"]
+    ts = _pick(db, f"SELECT ts_ms FROM events WHERE ts_ms >= {lo} AND ts_ms < {hi} ORDER BY ts_ms DESC LIMIT 1 OFFSET 10")
+    [frame] = query.execute(db, _spec("requests", {"limit": 5, "before_ms": ts}, (), (lo, hi), HOUR))
+    times = {f.name: f.values for f in frame.fields}["time"]
+    assert times and max(times) < ts and times == sorted(times, reverse=True)
