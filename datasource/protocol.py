@@ -84,7 +84,7 @@ def decode_json(raw: bytes | str, what: str = "request body") -> Any:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8", "INVALID_JSON") from None
-    if not text.strip():
+    if not text.strip(" \t\n\r"):  # JSON's whitespace only: a lone form feed is not an empty body
         return {}
     if json_depth(text) > MAX_DEPTH:
         raise ProtocolError(f"{what} is nested deeper than {MAX_DEPTH} levels", "TOO_DEEP")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from datasource import __version__, protocol, query
 from datasource.config import Settings
@@ -46,6 +46,14 @@ def _json(value: Any, status: int = 200) -> Response:
 
 
 def _body() -> Any:
+    """The request body as JSON; over max_body_bytes is a 413, chunked bodies included (werkzeug
+    cuts a chunked body at MAX_CONTENT_LENGTH without an error, which would parse a prefix)."""
+    limit = state().settings.max_body_bytes
+    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        raw = request.environ["wsgi.input"].read(limit + 1)
+        if len(raw) > limit:
+            raise RequestEntityTooLarge()
+        return protocol.decode_json(raw)
     return protocol.decode_json(request.get_data(cache=False))
 
 
