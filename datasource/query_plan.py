@@ -308,9 +308,12 @@ def add_into(into: list[Any], row: Sequence[Any], measures: Sequence[str] = ALL)
             into[i] += row[i]
 
 
-def _select(piece: Piece, group: Sequence[str], step: int | None) -> tuple[str, str]:
+def _select(piece: Piece, group: Sequence[str], step: int | None, fold: bool = False) -> tuple[str, str]:
     side = 0 if piece.table == RAW else 1
     exprs = [GROUPS[g][side] for g in group]
+    if fold:  # the last group column keeps the listed values; every other value becomes NULL
+        e = exprs[-1]
+        exprs[-1] = f"CASE WHEN {e} IN (SELECT value FROM json_each(?)) THEN {e} END"
     if step is not None:
         exprs.insert(0, "ts_ms - (ts_ms % ?)" if side == 0 else "bucket_ms - (bucket_ms % ?)")
     return ", ".join(exprs), ", ".join(str(i + 1) for i in range(len(exprs)))
@@ -339,18 +342,24 @@ class Reader:
         return p
 
     def sums(self, from_ms: int, to_ms: int, group: Sequence[str] = (), *, step: int | None = None,
-             measures: Sequence[str] = ALL) -> dict[tuple, list[Any]]:
-        """Group key (bucket first when `step`) -> the `measures` (default ALL, IDX order)."""
+             measures: Sequence[str] = ALL, keep: Sequence[Any] | None = None) -> dict[tuple, list[Any]]:
+        """Group key (bucket first when `step`) -> the `measures` (default ALL, IDX order).
+
+        `keep`: values of the last group column to keep; the others are folded into one
+        group whose value is None (the timeseries `other` series), in SQL.
+        """
         out: dict[tuple, list[Any]] = {}
         raw_measures = ", ".join(RAW_EXPR[m] for m in measures)
         rollup_measures = ", ".join(ROLLUP_EXPR[m] for m in measures)
         p = self.plan(from_ms, to_ms, group, step=step)
         for piece in p.pieces:
             where, params = p.where(piece, self.clauses)
-            sel, by = _select(piece, group, step)
+            sel, by = _select(piece, group, step, keep is not None)
             table = "events" if piece.table == RAW else piece.table
             chosen = raw_measures if piece.table == RAW else rollup_measures
             head = [step] if step is not None else []
+            if keep is not None:
+                head.append(json.dumps(list(keep)))
             if sel:
                 sql = f"SELECT {sel}, {chosen} FROM {table} WHERE {where} GROUP BY {by}"
             else:

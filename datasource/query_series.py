@@ -11,6 +11,7 @@ from datasource.query_plan import cost_usd, labels
 MIN_STEP_MS = 1000
 MAX_BUCKETS = 10_000
 OTHER = "other"
+OTHER_KEY = object()  # the folded rest of a split, before it is named OTHER
 
 # measure -> (kind, numerator, denominator or percentile): sums and ratios of query_plan.SUMS
 # fields, percentiles of a latency column.
@@ -128,18 +129,28 @@ def timeseries(ctx: Ctx) -> list[Frame]:
                 totals[split_value(split_by, s_val)] = (n, n)
         keep = _ranked(totals, top) if split_by else [""]
     else:
-        wanted = (num, arg or "requests", "requests")
-        sums = reader.sums(spec.from_ms, spec.to_ms, group, step=step, measures=wanted)
+        keep_raw = None
+        keep = [""]
+        if split_by:
+            # rank first (no time buckets: whole days can answer), then fold the rest into `other` in SQL
+            totals = {}
+            raw_values: dict[str, list[Any]] = {}
+            for (raw_val,), (n, r) in reader.sums(spec.from_ms, spec.to_ms, group, measures=(num, "requests")).items():
+                s_val = split_value(split_by, raw_val)
+                have = totals.get(s_val, (0, 0))
+                totals[s_val] = (have[0] + n, have[1] + r)
+                raw_values.setdefault(s_val, []).append(raw_val)
+            if kind != "sum":
+                totals = {k: (r, r) for k, (_, r) in totals.items()}
+            keep = _ranked(totals, top)
+            keep_raw = [raw for s_val in keep for raw in raw_values[s_val]]
+        wanted = (num, arg or "requests")
+        sums = reader.sums(spec.from_ms, spec.to_ms, group, step=step, measures=wanted, keep=keep_raw)
         cells = {}
-        totals = {}
-        for (b, *s), (n, d, r) in sums.items():
-            s_val = split_value(split_by, s[0]) if s else ""
-            cells[(b, s_val)] = [n, d if arg else 0]
-            have = totals.get(s_val, (0, 0))
-            totals[s_val] = (have[0] + n, have[1] + r)
-        if kind != "sum":
-            totals = {k: (r, r) for k, (_, r) in totals.items()}
-        keep = _ranked(totals, top) if split_by else [""]
+        for (b, *s), (n, d) in sums.items():
+            s_val = (OTHER_KEY if s[0] is None else split_value(split_by, s[0])) if s else ""
+            have = cells.get((b, s_val))
+            cells[(b, s_val)] = [n, d if arg else 0] if have is None else [have[0] + n, have[1] + (d if arg else 0)]
     kept = set(keep)
     merged: dict[tuple[int, str], Any] = {}
     if kind == "pct":
@@ -150,7 +161,7 @@ def timeseries(ctx: Ctx) -> list[Frame]:
             merged[cell] = dist.merged(keys) if len(keys) > 1 or cell[1] == OTHER else (dist, keys[0])
     else:
         for (b, s_val), parts in cells.items():
-            series = s_val if s_val in kept else OTHER
+            series = s_val if s_val in kept else OTHER  # OTHER_KEY: folded in SQL
             have = merged.get((b, series))
             merged[(b, series)] = list(parts) if have is None else [have[0] + parts[0], have[1] + parts[1]]
     order = keep + ([OTHER] if any(s == OTHER for _, s in merged) else [])
