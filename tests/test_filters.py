@@ -109,7 +109,7 @@ def test_adhoc_regex_bounded():
     with pytest.raises(BadRequest, match="invalid regex"):
         clauses_from_adhoc([{"key": "model", "operator": "=~", "value": "("}])
     start = time.monotonic()
-    assert filters.regexp("a.*b.*c.*d", "a" * 100_000) == 0  # subject cut to 4096 characters
+    assert filters.regexp("a.*b.*c.*d", "a" * 100_000) == 0  # subject cut to 512 characters
     assert time.monotonic() - start < 1.0
     assert filters.regexp("^gam", "gamma-3") == 1 and filters.regexp(None, "x") == 0
     with pytest.raises(ValueError):
@@ -198,3 +198,73 @@ def test_mask_emails_applies_to_labels(db):
     assert rows(frames[0])[0]["title"] == "bob.json: active -> error"
     frames = query.execute(db, spec("accounts"), mask_emails=True)
     assert all("@" not in (r["account"] or "") or "***@" in r["account"] for r in rows(frames[0]))
+
+
+# --- regex cost and ad hoc injection (issue 7) -------------------------------------------------
+
+@pytest.mark.parametrize(("pattern", "nested"), [
+    ("(a+)+$", True), ("((a)+)+b", True), ("((a+))+b", True), ("(?:(?:a)*)*b", True), ("x|((a)*)*b", True),
+    ("(x|xy)*z", True), ("(a|aa){2,}", True), ("(\\(a+\\))+", True), ("([(]+)+", True),
+    ("(a|b|c)", False), ("^(gpt-5|claude)$", False), ("(gpt|claude).*", False), ("(a)+", False),
+    ("([a-z]+)?x", False), ("(a){2}(b)+", False), ("((a)(b))+", False), ("([)]a+)", False), ("\\(a+\\)+", False),
+])
+def test_nested_quantifiers_are_found_at_any_depth(pattern, nested):
+    assert filters.nested_quantifier(pattern) is nested
+
+
+@pytest.mark.parametrize(("pattern", "wide"), [
+    (".*a.*b", 2), (".*.*.*=", 3), ("[*+]*a+", 2), ("\\*\\+.*", 1), ("a{0,1000}a{0,1000}b", 2),
+    ("a{2,5}b{,3}c*", 1), ("a{3}b{0,16}", 0), ("a{,17}", 1), ("[a-z]*[a-z]*[a-z]*[a-z]*0", 4), ("[]*+]x*", 1),
+])
+def test_wide_quantifiers_are_counted_outside_classes_and_escapes(pattern, wide):
+    assert filters.wide_quantifiers(pattern) == wide
+
+
+@pytest.mark.parametrize("pattern", [
+    "((a)+)+b", "(?:(?:a)*)*b", "x|((a)*)*b",      # exponential: nested one group deeper than before
+    ".*.*.*=", "a*a*a*a*a*b", "[a-z]+[0-9]*[a-z]+!", "a{0,999}a{0,999}a{0,999}b",  # polynomial, degree > 3
+])
+def test_catastrophic_patterns_are_refused_before_any_query(pattern):
+    with pytest.raises(BadRequest):
+        clauses_from_adhoc([{"key": "model", "operator": "=~", "value": pattern}])
+    with pytest.raises(BadRequest):
+        clauses_from_adhoc([{"key": "model", "operator": "!~", "value": pattern}])
+
+
+def test_accepted_patterns_still_work_and_the_subject_is_cut_to_a_label(db):
+    for pattern in (".*a.*b", "^gpt-.*-mini$", "(codex|claude)", "^5\\d\\d$"):
+        assert clauses_from_adhoc([{"key": "model", "operator": "=~", "value": pattern}])
+    # labels are at most 512 bytes, so REGEXP looks at no more: the cost of two wide quantifiers
+    # is bounded by 512^3 steps per value
+    assert filters.MAX_SUBJECT_LEN == 512
+    assert filters.regexp("b$", "a" * 511 + "b") == 1
+    assert filters.regexp("b$", "a" * 512 + "b") == 0
+    [row] = rows(query.execute(db, spec("summary", {}, clauses_from_adhoc(
+        [{"key": "model", "operator": "=~", "value": ".*g.*t"}])))[0])
+    assert row["requests"] == rows(query.execute(db, spec("summary", {}, clauses_from_adhoc(
+        [{"key": "model", "operator": "=~", "value": "g.*t"}])))[0])[0]["requests"]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("key", ["provider", "model", "account", "api_key", "trace_id", "endpoint", "instance",
+                                 "failure_type", "request_type"])
+@pytest.mark.parametrize("op", ["=", "!=", "=~", "!~"])
+def test_adhoc_values_cannot_change_the_sql(db, key, value, op):
+    plain_sql, _ = where_sql(clauses_from_adhoc([{"key": key, "operator": op, "value": "plain"}]))
+    try:
+        clauses = clauses_from_adhoc([{"key": key, "operator": op, "value": value}])
+    except BadRequest:
+        assert op in ("=~", "!~")  # some injections are not valid regexes: refused, never run
+        return
+    sql, params = where_sql(clauses)
+    assert sql == plain_sql
+    assert all(p == value or json.loads(p) == [value] for p in params)  # only the value, bound
+    query.execute(db, spec("summary", {}, clauses))
+    assert db.execute("SELECT count(*) FROM events").fetchall()[0][0] == 13
+
+
+@pytest.mark.parametrize("key", ["model) OR 1=1 --", "events; DROP TABLE events", "status_code", "fail_body",
+                                 "client_ip", "api_key_hash", "MODEL", " model\x00"])
+def test_adhoc_keys_outside_the_filter_list_are_refused(key):
+    with pytest.raises(BadRequest):
+        clauses_from_adhoc([{"key": key, "operator": "=", "value": "x"}])
