@@ -398,11 +398,17 @@ def _wait(predicate, timeout: float = 20.0):
 
 
 def _count(db_path: str, sql: str) -> int:
+    """A count, or -1 while SQLite answers busy (the collector's loops open and migrate the file at
+    start; a BusyError can come back without the busy handler, e.g. during WAL recovery)."""
+    import apsw
+
     from datasource.db import connect
 
-    conn = connect(db_path)
+    conn = connect(db_path, readonly=True)
     try:
         return conn.execute(sql).fetchall()[0][0]
+    except apsw.BusyError:
+        return -1
     finally:
         conn.close()
 
