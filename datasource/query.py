@@ -8,7 +8,9 @@ The computations live in query_*.py modules; this module owns apsw.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import weakref
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -81,13 +83,77 @@ def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> 
         raise
 
 
+# Targets whose answer depends only on the spec's window, filters and payload (not on now):
+# identical requests in flight at the same time share one computation (a dashboard's stat
+# panels all send the same `summary` target at once).
+SHAREABLE = frozenset({"summary", "timeseries", "accounts", "api_keys", "breakdown", "usage"})
+
+
+class _Flight:
+    __slots__ = ("done", "event", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.event = threading.Event()
+        self.result: list[Frame] | None = None
+        self.error: BaseException | None = None
+
+
+_flights: dict[tuple, _Flight] = {}
+_flights_lock = threading.Lock()
+
+
+def _flight_key(conn: apsw.Connection, spec: TargetSpec, aliases: Mapping[str, str], mask_emails: bool,
+                rollups: bool) -> tuple | None:
+    if spec.target not in SHAREABLE or not conn.filename:
+        return None
+    try:
+        payload = json.dumps(spec.payload, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return None
+    return (conn.filename, spec.target, payload, spec.from_ms, spec.to_ms, spec.interval_ms,
+            spec.max_data_points, spec.clauses, tuple(sorted(aliases.items())), mask_emails, rollups)
+
+
 def execute(conn: apsw.Connection, spec: TargetSpec, *, aliases: Mapping[str, str] = {},
             mask_emails: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
             rollups: bool = True) -> list[Frame]:
     """Frames answering one target; BadRequest for a bad target/payload, Unavailable when busy.
 
     `rollups=False` reads raw events only (the reference the rollup path is tested against).
+    A request identical to one being computed right now waits for that answer instead of
+    computing it again (nothing is kept once it is answered).
     """
+    key = _flight_key(conn, spec, aliases, mask_emails, rollups)
+    if key is None:
+        return _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
+    with _flights_lock:
+        flight = _flights.get(key)
+        leader = flight is None
+        if leader:
+            flight = _flights[key] = _Flight()
+    if not leader:
+        flight.event.wait(timeout_s + 1.0)
+        if flight.done:
+            if flight.error is not None:
+                raise flight.error
+            return list(flight.result or [])
+        return _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
+    try:
+        flight.result = _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
+        return flight.result
+    except BaseException as exc:
+        flight.error = exc
+        raise
+    finally:
+        with _flights_lock:
+            _flights.pop(key, None)
+        flight.done = True
+        flight.event.set()
+
+
+def _execute(conn: apsw.Connection, spec: TargetSpec, aliases: Mapping[str, str], mask_emails: bool,
+             timeout_s: float, rollups: bool) -> list[Frame]:
     handler = TARGETS.get(spec.target)
     if handler is None:
         raise BadRequest(f"unknown target {spec.target!r}; known: {', '.join(TARGETS)}")

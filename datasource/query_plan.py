@@ -319,6 +319,10 @@ def _select(piece: Piece, group: Sequence[str], step: int | None, fold: bool = F
     return ", ".join(exprs), ", ".join(str(i + 1) for i in range(len(exprs)))
 
 
+# A raw piece up to this long is scanned for distinct keys; longer ones seek per key.
+SCAN_DISTINCT_MS = 2 * HOUR
+
+
 @dataclass
 class Reader:
     """Reads one target's pieces: grouped sums, sketches/values, distinct keys."""
@@ -431,8 +435,10 @@ class Reader:
         candidates: list[str] | None = None
         for piece in p.pieces:
             where, params = p.where(piece, self.clauses)
-            if piece.table != RAW:
-                sql = f"SELECT DISTINCT {column} FROM {piece.table} WHERE {where}"
+            if piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS:
+                table = "events" if piece.table == RAW else piece.table
+                expr = GROUPS[column][0] if piece.table == RAW else column
+                sql = f"SELECT DISTINCT {expr} FROM {table} WHERE {where}"
                 found.update(r[0] for r in self.conn.execute(sql, params))
                 continue
             if candidates is None:

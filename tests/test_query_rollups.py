@@ -292,3 +292,34 @@ def test_requests_before_ms_alone_starts_strictly_before_that_time(db):
     [frame] = query.execute(db, _spec("requests", {"limit": 5, "before_ms": ts}, (), (lo, hi), HOUR))
     times = {f.name: f.values for f in frame.fields}["time"]
     assert times and max(times) < ts and times == sorted(times, reverse=True)
+
+
+def test_identical_concurrent_requests_share_one_computation(db, monkeypatch):
+    import threading
+    import time as _time
+
+    calls = []
+    original = query.TARGETS["summary"]
+
+    def slow_summary(ctx):
+        calls.append(ctx.spec.from_ms)
+        _time.sleep(0.3)
+        return original(ctx)
+
+    monkeypatch.setitem(query.TARGETS, "summary", slow_summary)
+    spec = _spec("summary", {}, (), RANGES["whole-day"], HOUR)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(query.execute(db, spec))) for _ in range(4)]
+    for t in threads:
+        t.start()
+        _time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 4
+    assert all(r[0].fields[0].values == results[0][0].fields[0].values for r in results)
+    # once answered nothing is kept: the next identical request computes again
+    query.execute(db, spec)
+    assert len(calls) == 2
+    # a different window is a different computation
+    query.execute(db, _spec("summary", {}, (), RANGES["2.5d"], HOUR))
+    assert len(calls) == 3
