@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import apsw
 import apsw.bestpractice
@@ -380,7 +381,42 @@ INSERT OR IGNORE INTO rollup_aliases
     SELECT DISTINCT 'api_key', coalesce(api_key_hash, ''), coalesce(api_key_masked, ''), '' FROM events;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+
+
+def _v4(conn: apsw.Connection) -> None:
+    """Step 4: compact events rows (datasource/rowpack.py) and compressed private raw JSON.
+
+    Adds `ts_sub_ns` and rewrites the rows already stored into the packed form, in the
+    migration's transaction; new rows are packed by store.insert_batch.
+    """
+    from datasource import rowpack
+
+    conn.create_scalar_function("cpm_ts_sub", rowpack.migrate_ts_sub, 2, deterministic=True)
+    conn.create_scalar_function("cpm_endpoint_part", rowpack.migrate_endpoint_part, 2, deterministic=True)
+    conn.create_scalar_function("cpm_compress", rowpack.migrate_compress, 1, deterministic=True)
+    conn.execute(_V4)
+
+
+_V4 = """
+ALTER TABLE events ADD COLUMN ts_sub_ns INTEGER;
+UPDATE events SET
+    event_hash = CASE WHEN typeof(event_hash) = 'text' AND length(event_hash) = 64
+                       AND event_hash NOT GLOB '*[^0-9a-f]*' THEN unhex(event_hash) ELSE event_hash END,
+    source_hash = CASE WHEN typeof(source_hash) = 'text' AND length(source_hash) = 64
+                       AND source_hash NOT GLOB '*[^0-9a-f]*' THEN unhex(source_hash) ELSE source_hash END,
+    ts_sub_ns = cpm_ts_sub(ts, ts_ms),
+    ts = CASE WHEN cpm_ts_sub(ts, ts_ms) IS NULL THEN ts ELSE '' END,
+    billing_model = CASE WHEN billing_model <> ''
+                          AND billing_model = coalesce(nullif(resolved_model, ''), analytics_model)
+                         THEN '' ELSE billing_model END,
+    method = CASE WHEN method = cpm_endpoint_part(endpoint, 1) THEN '' ELSE method END,
+    path = CASE WHEN path = cpm_endpoint_part(endpoint, 2) THEN '' ELSE path END,
+    cache_input_mode = CASE cache_input_mode WHEN 'included_in_input' THEN 'i'
+                            WHEN 'separate_from_input' THEN 's' ELSE cache_input_mode END;
+UPDATE event_private SET raw_json = cpm_compress(raw_json) WHERE typeof(raw_json) = 'text';
+"""
+
+MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -397,7 +433,11 @@ def migrate(conn: apsw.Connection) -> int:
         if app_id not in (0, APPLICATION_ID):
             raise SchemaError(f"not a CPA Monitor database (application_id {app_id:#x})")
         for step in range(current, SCHEMA_VERSION):
-            conn.execute(MIGRATIONS[step])
+            migration = MIGRATIONS[step]
+            if callable(migration):  # a step that needs Python (rewriting stored rows)
+                migration(conn)
+            else:
+                conn.execute(migration)
         conn.pragma("user_version", SCHEMA_VERSION)
         conn.pragma("application_id", APPLICATION_ID)
     return SCHEMA_VERSION

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import apsw
 
-from datasource import rollup
+from datasource import rollup, rowpack
 from datasource.model import InsertResult, Normalized, Rejected
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ def insert_batch(
                 privates.append(private)
             result.inserted_ids.append(next_id)
             next_id += 1
-        _insert_rows(conn, "events", events)
+        _insert_rows(conn, "events", [rowpack.pack(row) for row in events])  # compact form (rowpack)
         rollup.apply(conn, events)  # rollups see only new rows, so dedup keeps them exact
-        _insert_rows(conn, "event_private", privates)
+        _insert_rows(conn, "event_private", [rowpack.pack_private(row) for row in privates])
         if dead:
             conn.executemany(INSERT_DEAD_LETTER, dead)
     result.inserted = len(events)
@@ -223,7 +223,7 @@ def backup(conn: apsw.Connection, dest_path: str, *, busy_timeout_ms: int = 5000
 def iter_export_rows(
     conn: apsw.Connection, from_ms: int, to_ms: int, filters: Mapping[str, str | None]
 ) -> Iterator[dict[str, Any]]:
-    """Events with from_ms <= ts_ms < to_ms matching the filters, oldest first, as dicts."""
+    """Events with from_ms <= ts_ms < to_ms matching the filters, oldest first, as full dicts (unpacked)."""
     unknown = set(filters) - set(EXPORT_FILTERS)
     if unknown:
         raise ValueError(f"unknown export filters: {', '.join(sorted(unknown))}")
@@ -234,4 +234,4 @@ def iter_export_rows(
     for values in cursor:
         if names is None:
             names = [d[0] for d in cursor.get_description()]
-        yield dict(zip(names, values))
+        yield rowpack.unpack(dict(zip(names, values)))

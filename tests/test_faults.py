@@ -382,7 +382,7 @@ def _check_consistent(db: str) -> int:
         assert events == distinct
         assert conn.execute("SELECT count(*) FROM event_ledger").fetchone()[0] == events
         ledger = {bytes(h).hex() for h, in conn.execute("SELECT hash FROM event_ledger")}
-        assert ledger == {h[:32] for h, in conn.execute("SELECT event_hash FROM events")}
+        assert ledger == {bytes(h)[:16].hex() for h, in conn.execute("SELECT event_hash FROM events")}  # 32-byte BLOB
         assert_matches_raw(conn)
         return events
     finally:

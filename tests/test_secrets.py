@@ -89,11 +89,12 @@ def test_no_secret_in_any_readable_table_or_in_export(db_path):
 def test_masked_identities_are_still_useful(db_path):
     run("ingest", str(PLANTED), "--db", db_path)
     conn = connect(db_path)
-    rows = conn.execute("SELECT source, api_key_masked, length(api_key_hash), length(source_hash) "
-                        "FROM events ORDER BY ts_ms").fetchall()
+    rows = conn.execute("SELECT source, api_key_masked, length(api_key_hash), typeof(source_hash), "
+                        "length(source_hash) FROM events ORDER BY ts_ms").fetchall()
     conn.close()
-    assert rows == [("m:sk-u...efgh", "sk******yz", 64, 64),
-                    ("pla***@mail-example.org", "sk******yz", 64, 64)]
+    # api_key_hash is 64 hex characters; source_hash is stored as its 32 raw bytes (datasource/rowpack.py)
+    assert rows == [("m:sk-u...efgh", "sk******yz", 64, "blob", 32),
+                    ("pla***@mail-example.org", "sk******yz", 64, "blob", 32)]
 
 
 def test_dead_letters_keep_the_payload_for_diagnosis(tmp_path, db_path):
