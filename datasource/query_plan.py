@@ -395,9 +395,28 @@ class Reader:
             head = [step] if step is not None else []
             lead = f"{sel}, " if sel else ""
             if piece.table == RAW:
-                sql = f"SELECT {lead}{column} FROM events WHERE {where} AND {column} > 0"
-                for row in self.conn.execute(sql, (*head, *params)):
-                    out.values.setdefault(tuple(row[:width]), []).append(row[width])
+                # Grouped in SQL, so few rows cross into Python: by sketch bucket when the
+                # answer is a sketch anyway (the same ceil(ln(v) / ln(gamma)) as Sketch.add),
+                # else by exact value.
+                by = ", ".join(str(i + 1) for i in range(width + 1))
+                value = f"CAST(ceil(ln({column}) / ?) AS INTEGER)" if out.approximate else column
+                extra = [sketch._LOG_GAMMA] if out.approximate else []
+                sql = (f"SELECT {lead}{value}, count(*) FROM events WHERE {where} AND {column} > 0 "
+                       f"GROUP BY {by}")
+                for row in self.conn.execute(sql, (*head, *extra, *params)):
+                    key = tuple(row[:width])
+                    if out.approximate:
+                        target = out.sketches.get(key)
+                        if target is None:
+                            target = out.sketches[key] = Sketch()
+                        target.bins[row[width]] = target.bins.get(row[width], 0) + row[width + 1]
+                        target.count = -1
+                    else:
+                        vals = out.values.setdefault(key, [])
+                        if row[width + 1] == 1:
+                            vals.append(row[width])
+                        else:
+                            vals.extend([row[width]] * row[width + 1])
             else:
                 blob = "latency_sketch" if column == "latency_ms" else "ttft_sketch"
                 sql = f"SELECT {lead}{blob} FROM {piece.table} WHERE {where} AND {blob} IS NOT NULL"
