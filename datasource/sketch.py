@@ -17,6 +17,7 @@ the union of their samples would.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Iterable, Mapping
 
 ACCURACY = 0.01
@@ -162,10 +163,41 @@ def encode(bins: Mapping[int, int]) -> bytes:
     return bytes(out)
 
 
+def _header(data: bytes) -> tuple[int, int, int] | None:
+    """(bucket count, first index, offset of the rest), or None when not a simple header."""
+    pos, values = 1, []
+    for _ in range(2):
+        n, shift = 0, 0
+        while True:
+            if pos >= len(data):
+                return None
+            b = data[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+        values.append(n)
+        if values[0] == 0:
+            return None
+    z = values[1]
+    return values[0], (z >> 1) ^ -(z & 1), pos
+
+
 def decode(data: bytes) -> dict[int, int]:
     """Inverse of encode(); raises SketchError on anything malformed."""
     if not data or data[0] != FORMAT_VERSION:
         raise SketchError("not a sketch (unknown format version)")
+    head = _header(data)
+    if head is not None:
+        # Fast path (most blobs): every delta and count below 128 is one byte, so the rest
+        # is count0, delta1, count1, ... and C-level slicing does the work.
+        n, first, pos = head
+        rest = data[pos:]
+        if len(rest) == 2 * n - 1 and (not rest or max(rest) < 0x80):
+            deltas = rest[1::2]
+            if 0 not in deltas:
+                return dict(zip(accumulate(deltas, initial=first), rest[0::2]))
     values: list[int] = []
     n, shift, pos, size = 0, 0, 1, len(data)
     while pos < size:
