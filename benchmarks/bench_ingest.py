@@ -64,7 +64,7 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
     return events / wall
 
 
-def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float) -> float:
+def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0) -> float:
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
@@ -85,12 +85,14 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         for i in range(0, len(raws), 1000):
             pipe.rpush("usage", *raws[i:i + 1000])
         pipe.execute()
-        db = os.path.join(workdir, "collector.db")
+        db = os.path.join(workdir, f"collector-{workers}.db")
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, poll_interval_ms=200,
+                                     normalize_workers=workers,
                                      log_level="WARNING")
         service = CollectorService(settings)
         start = time.perf_counter()
+        cpu_start = time.process_time()  # this process's CPU (the collector threads), immune to other jobs
         service.start()
         deadline = start + timeout_s
         stored = 0
@@ -100,13 +102,16 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
                 break
             time.sleep(0.2)
         wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
     finally:
         if service is not None:
             service.stop()
         server.terminate()
         server.wait(10)
-    print(f"collector (RESP pops of {batch} from redis-server): {stored} events in {wall:.2f} s "
-          f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}")
+    print(f"collector (RESP pops of {batch} from redis-server, {workers} normalize workers): "
+          f"{stored} events in {wall:.2f} s "
+          f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}; "
+          f"CPU {cpu / max(stored, 1) * 1e6:.0f} us/event = {stored / cpu if cpu else 0:,.0f} events/s per busy core")
     return stored / wall
 
 
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cli", action="store_true")
     parser.add_argument("--skip-collector", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--workers", default="0,1",
+                        help="collector runs with these CPA_MONITOR_NORMALIZE_WORKERS values (comma-separated)")
     args = parser.parse_args(argv)
     # density of the 10 M / 30 d dataset: the batch sees the same rollup keys as in production
     span = int(args.events / (10_000_000 / (30 * DAY_MS)))
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cli:
             bench_cli(jsonl, workdir, args.events, args.batch)
         if not args.skip_collector:
-            bench_collector(raws, workdir, args.batch, args.timeout)
+            for workers in (int(w) for w in args.workers.split(",")):
+                bench_collector(raws, workdir, args.batch, args.timeout, workers)
         if args.stages:
             print(load(os.path.join(workdir, "stages.db"), raws, batch=args.batch).report("in-process stages"))
     return 0

@@ -15,18 +15,19 @@ from datasource import store, store_status
 from datasource.store import Connection
 from datasource.accounts import AccountDirectory, parse_credential_error
 from datasource.model import Control, InsertResult, Normalized, Rejected
-from datasource.normalize import normalize
+from datasource.parallel import NormalizePool
 
 logger = logging.getLogger(__name__)
 
 
 class Ingestor:
     def __init__(self, conn: Connection, instance: str, directory: AccountDirectory | None = None,
-                 *, now: Callable[[], float] = time.time) -> None:
+                 *, now: Callable[[], float] = time.time, normalize_workers: int = 0) -> None:
         self.conn = conn
         self.instance = instance
         self.directory = directory
         self._now = now
+        self.normalizer = NormalizePool(normalize_workers, instance)
         self.refreshes = 0
         self.controls = 0
 
@@ -36,10 +37,7 @@ class Ingestor:
     def usage(self, raws: Sequence[bytes]) -> InsertResult:
         """Normalize and store one batch (control payloads act, blank items are skipped)."""
         items: list[Normalized | Rejected] = []
-        for raw in raws:
-            if not raw or not raw.strip():
-                continue
-            out = normalize(raw, instance=self.instance)
+        for out in self.normalizer.normalize_all([raw for raw in raws if raw and raw.strip()]):
             if isinstance(out, Control):
                 self._control(out)
             else:
@@ -48,6 +46,10 @@ class Ingestor:
             return InsertResult()
         self._refresh_accounts()
         return store.insert_batch(self.conn, items, origin="collector", instance=self.instance)
+
+    def close(self) -> None:
+        """Stop the normalize worker, if any."""
+        self.normalizer.close()
 
     def _control(self, control: Control) -> None:
         self.controls += 1

@@ -128,7 +128,8 @@ class UpstreamLoop:
             return
         directory = AccountDirectory(lambda: self.http(5.0).auth_files(), self.settings.auth_files_ttl_s,
                                      mask_emails=self.settings.mask_emails, now=self._now)
-        self.ingestor = Ingestor(self.conn, self.name, directory, now=self._now)
+        self.ingestor = Ingestor(self.conn, self.name, directory, now=self._now,
+                                 normalize_workers=self.settings.normalize_workers)
         totals = store_status.read_totals(self.conn, self.name)
         self.status.inserted, self.status.duplicates, self.status.dead_letters = totals
         self.save(state="starting", started_ms=self.now_ms())
@@ -138,6 +139,7 @@ class UpstreamLoop:
                     break
         finally:
             self.save(state="stopped" if self.stop.is_set() else self.status.state)
+            self.ingestor.close()
             self.conn.close()
 
     def attempt(self) -> bool:

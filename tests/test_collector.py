@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 
 import pytest
@@ -31,10 +32,12 @@ def cpa():
     fake.stop()
 
 
-def test_resp_mode_pops_in_batches_and_reports_status(server, settings):
+@pytest.mark.parametrize("workers", [0, 1])  # 1: half of each batch normalized in a worker process
+def test_resp_mode_pops_in_batches_and_reports_status(server, settings, workers):
     for i in range(250):
         server.enqueue(event(i))
-    svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left"))
+    svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
+                               normalize_workers=workers))
     try:
         wait_for(lambda: event_count(settings.db) == 250)
         row = wait_for(lambda: status(settings.db).get("inserted") == 250 and status(settings.db))
@@ -46,6 +49,7 @@ def test_resp_mode_pops_in_batches_and_reports_status(server, settings):
     finally:
         svc.stop()
     assert status(settings.db)["state"] == "stopped"
+    assert multiprocessing.active_children() == []  # the normalize worker stopped with the loop
 
 
 def test_subscribe_drains_what_was_queued_before_subscribing(server, settings):
