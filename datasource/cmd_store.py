@@ -48,7 +48,8 @@ def decode_items(
         elif exchange.is_export(record.obj):
             yield exchange.from_export(record.obj, record.raw)
         else:
-            item = normalize_obj(record.obj, record.raw, instance=instance, pricer=pricer, now_ms=now_ms)
+            item = normalize_obj(record.obj, record.raw, instance=instance, pricer=pricer, now_ms=now_ms,
+                                 _plain=record.plain)
             if not isinstance(item, Control):
                 yield item
 

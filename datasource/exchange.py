@@ -11,11 +11,12 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, Iterator, Mapping
 
 from datasource.model import Normalized, Rejected
+from datasource.normalize import plain_json_text
 
 EXPORT_MARKER = "cpa_monitor_export"
 EXPORT_VERSION = 1
@@ -115,6 +116,7 @@ class Record:
 
     raw: bytes
     obj: dict[str, Any]
+    plain: bool = field(default=False, compare=False)  # normalize.plain_json_text of obj's text
 
 
 def read_records(stream: BinaryIO, *, max_item_bytes: int = MAX_ITEM_BYTES) -> Iterator[Record | Rejected]:
@@ -147,7 +149,7 @@ def classify(raw: bytes, text: str | None = None) -> Record | Rejected | None:
         return Rejected(f"invalid JSON: {exc}", raw)
     if not isinstance(value, dict):
         return Rejected(f"not a JSON object: {_json_kind(value)}", raw)
-    return Record(raw, value)
+    return Record(raw, value, plain_json_text(text))
 
 
 def _json_kind(value: object) -> str:

@@ -53,18 +53,24 @@ def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | N
     except ValueError as exc:
         return Rejected(f"payload is not valid JSON: {str(exc)[:200]}", payload)
     return normalize_obj(obj, payload, instance=instance, pricer=pricer, now_ms=now_ms,
-                         _plain=_plain_text(text))
+                         _plain=plain_json_text(text))
 
 
-def _plain_text(text: str) -> bool:
-    """True when the JSON text cannot decode to a lone surrogate or nest past MAX_DEPTH.
+def plain_json_text(text: str) -> bool:
+    """True when this JSON text cannot decode to a lone surrogate or nest past MAX_DEPTH.
 
-    Valid UTF-8 holds no surrogates, so one can only come from a `\\uD800`-`\\uDFFF` escape;
-    nesting needs at least MAX_DEPTH + 2 brackets. Both checks run in C; a payload that fails
-    them (it may still be fine) gets the full walk.
+    A lone surrogate can only come from one in the text itself (never in text decoded from
+    UTF-8, checked anyway) or from a `\\uD800`-`\\uDFFF` escape; nesting needs at least
+    MAX_DEPTH + 2 brackets. The checks run in C; a payload that fails them (it may still be
+    fine) gets the full walk.
     """
     if text.count("{") + text.count("[") > MAX_DEPTH + 1:
         return False
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
     return "\\u" not in text or not _SURROGATE_ESCAPE.search(text)
 
 
