@@ -416,7 +416,15 @@ UPDATE events SET
 UPDATE event_private SET raw_json = cpm_compress(raw_json) WHERE typeof(raw_json) = 'text';
 """
 
-MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4]
+# Step 5: the Account Overview's quota column reads each account's newest event carrying quota
+# headers; without this index an account that never carries them (most non-Codex providers)
+# is scanned in full over the window. Only quota-carrying rows are indexed.
+_V5 = """
+CREATE INDEX events_quota_account_ts ON events(account_key, ts_ms)
+    WHERE quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL;
+"""
+
+MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
