@@ -431,6 +431,19 @@ class Reader:
         out.finish()
         return out
 
+    def exact_series(self, column: str, from_ms: int, to_ms: int, step: int, pct: int) -> dict[int, Any] | None:
+        """Nearest-rank percentile per time bucket computed inside SQLite (one row per bucket),
+        when the whole window reads raw events anyway; None when rollups would answer part."""
+        p = self.plan(from_ms, to_ms, (), sketches=True, step=step)
+        if p.uses_rollups:
+            return None
+        where, params = p.where(p.pieces[0], self.clauses)
+        sql = (f"SELECT b, v FROM (SELECT ts_ms - (ts_ms % ?) AS b, {column} AS v, "
+               f"row_number() OVER (PARTITION BY ts_ms - (ts_ms % ?) ORDER BY {column}) AS rn, "
+               f"count(*) OVER (PARTITION BY ts_ms - (ts_ms % ?)) AS n "
+               f"FROM events WHERE {where} AND {column} > 0) WHERE rn = max(1, (n * ? + 99) / 100)")
+        return dict(self.conn.execute(sql, (step, step, step, *params, pct)))
+
     def distinct(self, column: str, from_ms: int, to_ms: int, skip: str) -> set[str]:
         """Distinct values of a key column (`skip`, the 'none' value, excluded), exact.
 

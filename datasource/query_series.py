@@ -120,6 +120,12 @@ def timeseries(ctx: Ctx) -> list[Frame]:
     times = bucket_times(spec.from_ms, spec.to_ms, step)
     group = (SPLITS[split_by],) if split_by else ()
     reader = ctx.reader
+    exact = (reader.exact_series(num, spec.from_ms, spec.to_ms, step, arg)
+             if kind == "pct" and not split_by else None)
+    if exact is not None:
+        config = {"unit": UNITS[measure]} if measure in UNITS else None
+        fields = [Field("time", "time", times), Field(measure, "number", [exact.get(b) for b in times], config)]
+        return [Frame(name=measure, fields=fields, meta={"interval_ms": step, "measure": measure, "split_by": None})]
     if kind == "pct":
         dist = reader.distribution(num, spec.from_ms, spec.to_ms, group, step=step)
         cells = {(b, split_value(split_by, s[0]) if s else ""): (b, *s) for b, *s in dist.keys()}

@@ -323,3 +323,17 @@ def test_identical_concurrent_requests_share_one_computation(db, monkeypatch):
     # a different window is a different computation
     query.execute(db, _spec("summary", {}, (), RANGES["2.5d"], HOUR))
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("pct", [1, 50, 95, 99, 100])
+def test_sql_percentile_series_equals_nearest_rank_by_hand(db, pct):
+    lo, hi = RANGES["30h-midnight"]
+    step = 20 * 60_000
+    reader = query_plan.Reader(db, ())
+    got = reader.exact_series("latency_ms", lo, hi, step, pct)
+    by_bucket: dict[int, list[int]] = {}
+    for ts, v in db.execute("SELECT ts_ms, latency_ms FROM events WHERE ts_ms >= ? AND ts_ms < ? AND latency_ms > 0",
+                            (lo, hi)):
+        by_bucket.setdefault(ts - ts % step, []).append(v)
+    want = {b: sorted(v)[max(1, math.ceil(len(v) * pct / 100)) - 1] for b, v in by_bucket.items()}
+    assert got == want and len(want) > 50
