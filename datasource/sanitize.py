@@ -189,10 +189,12 @@ def _mask_source(source: str) -> str | None:
     return clean_text(masked, LABEL_MAX_BYTES)
 
 
+@functools.lru_cache(maxsize=1024)
 def _normal_key(key: str) -> str:
     return key.lower().replace("-", "_").replace(" ", "_")
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_secret_key(key: str) -> bool:
     normal = _normal_key(key)
     return normal in _SECRET_KEYS or "secret" in normal
