@@ -14,9 +14,10 @@ import click
 from datasource.cmd_common import settings_options
 from datasource.collector import CollectorService, validate
 from datasource.config import Settings
-from datasource.db import open_database
+from datasource.db import connect, open_database
 from datasource.lock import is_locked, lock_path, read_holder
 from datasource.sources import HttpManagement, SourceError
+from datasource.store import StoreError
 from datasource.store_status import read_status
 from datasource.upstream import ConfigRefused, check_poll_interval, retention_from_config
 
@@ -90,7 +91,10 @@ def format_status(rows: list[dict[str, Any]], now_ms: int) -> list[str]:
 @settings_options
 def status(settings: Settings) -> None:
     """Print the collector status of every upstream recorded in the database."""
-    conn = open_database(settings.db, busy_timeout_ms=settings.busy_timeout_ms)
+    try:
+        conn = open_database(settings.db, busy_timeout_ms=settings.busy_timeout_ms)
+    except StoreError:  # a full disk or read-only file refuses the migration check: read as it is
+        conn = connect(settings.db, readonly=True, busy_timeout_ms=settings.busy_timeout_ms)
     try:
         rows = read_status(conn)
     finally:

@@ -59,6 +59,7 @@ class CollectorService:
         self._standby_logged = False
         self._next_prune_ms = 0
         self.wal_checkpoints = 0
+        self._sidecar: store_status.StatusSidecar | None = None
         self._state_lock = threading.Lock()
 
     def start(self) -> None:
@@ -137,9 +138,10 @@ class CollectorService:
         return f"pid {os.getpid()} host {socket.gethostname()}"
 
     def _start_loops(self) -> None:
+        self._sidecar = store_status.StatusSidecar(self.settings.db)
         for name, url in self.settings.upstreams():
             loop = UpstreamLoop(self.settings, name, url, self._stop, timing=self.timing, now=self._now,
-                                holder=self._holder_text())
+                                holder=self._holder_text(), sidecar=self._sidecar)
             thread = threading.Thread(target=loop.run, name=f"datasource-collector-{name}", daemon=True)
             thread.start()
             self._loops.append((loop, thread))

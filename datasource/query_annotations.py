@@ -8,10 +8,11 @@ max(SPIKE_MIN_FAILURES, SPIKE_FACTOR x baseline) and above the baseline.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from datasource import filters
+from datasource import filters, store_status
 from datasource.model import BadRequest, Frame
 from datasource.query_common import UNITS, Ctx, table_frame
 from datasource.query_series import bucket_step, bucket_times
@@ -41,7 +42,7 @@ WHERE ts_ms >= ? AND ts_ms < ? AND {where} ORDER BY ts_ms, id
 COLLECTOR_SQL = """
 SELECT instance, url, state, transport, mode, last_consumed_ms, last_inserted_ms, inserted, duplicates,
        dead_letters, last_error, last_error_stage, last_error_ms, usage_publishing, queue_retention_s,
-       warnings
+       warnings, updated_ms
 FROM collector_status WHERE {where} ORDER BY instance
 """
 
@@ -116,10 +117,20 @@ def _safe_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+_SIDECAR_FIELDS = ("instance", "url", "state", "transport", "mode", "last_consumed_ms", "last_inserted_ms",
+                   "inserted", "duplicates", "dead_letters", "last_error", "last_error_stage", "last_error_ms",
+                   "usage_publishing", "queue_retention_s", "warnings")
+
+
 def collector(ctx: Ctx) -> list[Frame]:
     where, params = filters.where_sql(ctx.spec.clauses, filters.COLLECTOR_COLUMNS)
+    sidecar = store_status.read_sidecar(getattr(ctx.conn, "filename", ""))  # rows the store refused (disk full, read-only)
     rows = []
-    for r in ctx.rows(COLLECTOR_SQL.format(where=where), params):
+    for *r, updated_ms in ctx.rows(COLLECTOR_SQL.format(where=where), params):
+        newer = store_status.newer_sidecar_row(sidecar, r[0], updated_ms)
+        if newer is not None:
+            r = [newer.get(name, value) for name, value in zip(_SIDECAR_FIELDS, r)]
+            r[-1] = json.dumps(r[-1]) if isinstance(r[-1], list) and r[-1] else (r[-1] or None)
         (inst, url, state, transport, mode, consumed, inserted_ms, inserted, dups, dead, error, stage,
          error_ms, publishing, retention, warnings) = r
         lag = (ctx.spec.now_ms - consumed) / 1000 if consumed else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -95,6 +97,76 @@ class StatusRow:
     updated_ms: int | None = None
 
 
+SIDECAR_SUFFIX = ".collector-status.json"
+SIDECAR_BYTES = 16384
+
+
+def sidecar_path(db_path: str) -> str:
+    return db_path + SIDECAR_SUFFIX
+
+
+class StatusSidecar:
+    """Status rows the database refused (disk full, read-only file), kept in `<db>.collector-status.json`.
+
+    The file is reserved (filled with spaces) while the disk can still take it, and later
+    rewritten in place at the same length, so a full disk does not refuse it (no new blocks on
+    ext4/xfs/tmpfs; a copy-on-write filesystem may still refuse). Readers prefer a sidecar row
+    that is newer than the database row (`read_status`, the `collector` target, GET /status).
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.path = sidecar_path(db_path)
+        self._lock = threading.Lock()
+        self._rows: dict[str, dict[str, Any]] = {}
+        try:
+            if not os.path.exists(self.path) or os.path.getsize(self.path) < SIDECAR_BYTES:
+                with open(self.path, "wb") as fh:
+                    fh.write(b"{}".ljust(SIDECAR_BYTES, b" "))
+        except OSError as exc:
+            logger.warning("cannot reserve %s (%s): status during store faults goes to the log only", self.path, exc)
+
+    def put(self, row: StatusRow) -> bool:
+        with self._lock:
+            self._rows[row.instance] = asdict(row)
+            return self._write()
+
+    def clear(self, instance: str) -> None:
+        with self._lock:
+            if self._rows.pop(instance, None) is not None:
+                self._write()
+
+    def _write(self) -> bool:
+        data = json.dumps(self._rows, separators=(",", ":")).encode("utf-8")
+        try:
+            with open(self.path, "r+b") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                fh.write(data.ljust(size, b" "))
+            return True
+        except OSError as exc:
+            logger.warning("cannot write %s: %s", self.path, exc)
+            return False
+
+
+def read_sidecar(db_path: str) -> dict[str, dict[str, Any]]:
+    """The sidecar rows by instance ({} when there is none or it is unreadable)."""
+    if not db_path:
+        return {}
+    try:
+        with open(sidecar_path(db_path), encoding="utf-8") as fh:
+            text = fh.read().strip()
+        data = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def newer_sidecar_row(sidecar: dict[str, dict[str, Any]], instance: str, db_updated_ms: Any) -> dict[str, Any] | None:
+    row = sidecar.get(instance)
+    if row is None or not isinstance(row.get("updated_ms"), int):
+        return None
+    return row if db_updated_ms is None or row["updated_ms"] > db_updated_ms else None
+
+
 def write_status(conn: Connection, row: StatusRow) -> None:
     params = asdict(row)
     params["warnings"] = json.dumps(row.warnings) if row.warnings else None
@@ -116,13 +188,19 @@ def write_standby(conn: Connection, instance: str, url: str, warning: str, now_m
 
 
 def read_status(conn: Connection) -> list[dict[str, Any]]:
-    """Every upstream's status row; `warnings` as a list, `usage_publishing` as bool or None."""
+    """Every upstream's status row; `warnings` as a list, `usage_publishing` as bool or None.
+
+    A sidecar row newer than the database's (written while the store refused writes) wins."""
     out = []
+    sidecar = read_sidecar(conn.filename)
     for values in conn.execute(SELECT_STATUS):
         row = dict(zip(STATUS_COLUMNS, values))
         row["warnings"] = json.loads(row["warnings"]) if row["warnings"] else []
         if row["usage_publishing"] is not None:
             row["usage_publishing"] = bool(row["usage_publishing"])
+        newer = newer_sidecar_row(sidecar, row["instance"], row["updated_ms"])
+        if newer is not None:
+            row.update({k: newer[k] for k in STATUS_COLUMNS if k in newer})
         out.append(row)
     return out
 

@@ -68,7 +68,8 @@ class UpstreamLoop:
     """Runs in its own thread until `stop` is set; owns its write connection."""
 
     def __init__(self, settings: Settings, name: str, url: str, stop: threading.Event, *,
-                 timing: Timing = Timing(), now: Callable[[], float] = time.time, holder: str = "") -> None:
+                 timing: Timing = Timing(), now: Callable[[], float] = time.time, holder: str = "",
+                 sidecar: store_status.StatusSidecar | None = None) -> None:
         self.settings, self.name, self.url, self.stop, self.timing, self._now = settings, name, url, stop, timing, now
         self.status = StatusRow(instance=name, url=url, mode=settings.collector_mode, holder=holder)
         self.transport = "subscribe" if settings.collector_mode in ("auto", "subscribe") else settings.collector_mode
@@ -82,6 +83,8 @@ class UpstreamLoop:
         self.store_down_since_ms: int | None = None
         self.store_episode: int | None = None
         self.store_retries = 0
+        self.live = False
+        self.sidecar = sidecar
 
     # --- plumbing -------------------------------------------------------------
     def now_ms(self) -> int:
@@ -105,11 +108,16 @@ class UpstreamLoop:
         for field_name, value in changes.items():
             setattr(self.status, field_name, value)
         self.status.updated_ms = self.now_ms()
-        try:  # best effort: a full or read-only database must not stop the loop (the row is rewritten next time)
+        try:  # a full or read-only database must not stop the loop: the row goes to the sidecar file
             store_status.write_status(self.conn, self.status)
         except store.StoreError as exc:
-            logger.warning("%s: cannot write the collector status (%s); state %s, last error %s", self.name,
-                           exc, self.status.state, self.status.last_error)
+            kept = self.sidecar is not None and self.sidecar.put(self.status)
+            logger.warning("%s: cannot write the collector status (%s)%s; state %s, last error %s", self.name,
+                           exc, f", kept in {self.sidecar.path}" if kept and self.sidecar else "",
+                           self.status.state, self.status.last_error)
+            return
+        if self.sidecar is not None:
+            self.sidecar.clear(self.name)
 
     # --- thread body ------------------------------------------------------------
     def open_store(self) -> bool:
@@ -184,7 +192,7 @@ class UpstreamLoop:
     # --- state reports ---------------------------------------------------------
     def failed(self, stage: str, message: str) -> None:
         now = self.now_ms()
-        was_up = self.status.state == "running"
+        was_up, self.live = self.live, False  # a session was consuming (even while the store refused a batch)
         if self.down_since_ms is None:
             self.down_since_ms = now
         kind = "dropped_subscription" if was_up and self.transport == "subscribe" else "error"
@@ -197,6 +205,7 @@ class UpstreamLoop:
     def connected(self) -> None:
         now = self.now_ms()
         self.established = True
+        self.live = True
         self.backoff_s = self.timing.backoff_initial_s
         if self.error_episode is not None:
             self.best_effort(store_status.close_episode, self.conn, self.error_episode, now)
