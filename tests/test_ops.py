@@ -48,7 +48,7 @@ def test_wal_stays_bounded_under_ingest_with_busy_readers(settings, monkeypatch)
     conn = open_database(settings.db)
     assert (conn.pragma("wal_autocheckpoint"), conn.pragma("journal_size_limit")) == (1000, 64 * 1024 * 1024)
     conn.close()
-    total = 8000
+    total = 6000
     with RedisServer(KEY) as server:
         svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left"), timing=FAST)
         svc.start()
