@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from datasource.model import Frame
-from datasource.query_plan import IDX, RAW, Piece, Plan, add_into, cost_usd, empty, labels
+from datasource.query_plan import (
+    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels,
+)
 from datasource.query_common import (
     UNITS, Ctx, payload_choice, payload_int, ratio, sort_rows, table_frame,
 )
@@ -120,31 +123,47 @@ def accounts(ctx: Ctx) -> list[Frame]:
     return [table_frame("accounts", ACCOUNT_COLUMNS, [[r[c] for c in names] for r in rows], UNITS)]
 
 
+# Per API key and piece: sums plus the distinct models and accounts (JSON arrays),
+# merged across pieces in Python; one row per key and piece instead of key x model x account.
+API_KEY_MEASURES = ("requests", "failures", "total_tokens", "cost_nusd", "last_ms")
+API_KEYS_SQL = """
+SELECT {key}, {measures}, json_group_array(DISTINCT analytics_model),
+       json_group_array(DISTINCT nullif(account_key, '-'))
+FROM {table} WHERE {where} GROUP BY 1
+"""
+
+
 def api_keys(ctx: Ctx) -> list[Frame]:
     limit = payload_int(ctx.spec.payload, "limit", 1000, 1, 5000)
     spec = ctx.spec
-    groups = ctx.reader.sums(spec.from_ms, spec.to_ms, ("api_key_hash", "analytics_model", "account_key"))
+    reader = ctx.reader
+    plan = reader.plan(spec.from_ms, spec.to_ms, ("api_key_hash", "analytics_model", "account_key"))
     per_key: dict[str, dict[str, Any]] = {}
-    for (key_hash, model, account_key), v in groups.items():
-        have = per_key.get(key_hash)
-        if have is None:
-            have = per_key[key_hash] = {"sums": empty(), "models": set(), "accounts": set()}
-        add_into(have["sums"], v)
-        have["models"].add(model)
-        if account_key != "-":
-            have["accounts"].add(account_key)
-    masked = labels(ctx.reader, "api_key_hash", per_key, spec.from_ms, spec.to_ms)
+    for piece in plan.pieces:
+        where, params = plan.where(piece, spec.clauses)
+        raw = piece.table == RAW
+        sql = API_KEYS_SQL.format(
+            key=GROUPS["api_key_hash"][0 if raw else 1], table="events" if raw else piece.table, where=where,
+            measures=", ".join((RAW_EXPR if raw else ROLLUP_EXPR)[m] for m in API_KEY_MEASURES))
+        for key_hash, *rest in ctx.rows(sql, params):
+            sums, models, accounts_hit = rest[:-2], rest[-2], rest[-1]
+            have = per_key.get(key_hash)
+            if have is None:
+                have = per_key[key_hash] = {"sums": empty(API_KEY_MEASURES), "models": set(), "accounts": set()}
+            add_into(have["sums"], sums, API_KEY_MEASURES)
+            have["models"].update(json.loads(models))
+            have["accounts"].update(a for a in json.loads(accounts_hit) if a is not None)
+    masked = labels(reader, "api_key_hash", per_key, spec.from_ms, spec.to_ms)
     rows = []
     for key_hash, have in per_key.items():
-        v = have["sums"]
-        n, failed = v[IDX["requests"]], v[IDX["failures"]]
+        n, failed, tokens, nusd, last_seen = have["sums"]
         used = sorted(have["models"])
         rows.append({
             "api_key_hash": key_hash, "api_key": ctx.api_key_label(key_hash, masked.get(key_hash)),
             "requests": n, "failures": failed, "success_rate": ratio(n - failed, n),
-            "total_tokens": v[IDX["total_tokens"]], "est_cost_usd": cost_usd(v[IDX["cost_nusd"]]),
+            "total_tokens": tokens, "est_cost_usd": cost_usd(nusd),
             "models": len(used), "models_used": ", ".join(used), "accounts_hit": len(have["accounts"]),
-            "last_seen": v[IDX["last_ms"]],
+            "last_seen": last_seen,
         })
     rows = sort_rows(rows, (("requests", True), ("api_key_hash", False)))[:limit]
     names = [c for c, _ in API_KEY_COLUMNS]
