@@ -106,7 +106,7 @@ def test_step_4_rewrites_rows_stored_before_it(tmp_path):
             conn.execute(f"INSERT INTO events({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                          tuple(row.values()))
         conn.execute("INSERT INTO event_private(event_id, client_ip, raw_json) VALUES (1, '192.0.2.1', '{\"a\":1}')")
-    assert migrate(conn) == SCHEMA_VERSION == 4
+    assert migrate(conn) == SCHEMA_VERSION >= 4
     stored = conn.execute("SELECT typeof(event_hash), typeof(source_hash), ts, ts_sub_ns, method, path, "
                           "billing_model, cache_input_mode FROM events ORDER BY id").fetchall()
     assert stored == [("blob", "blob", "", 456_789, "", "", "", "i"),
