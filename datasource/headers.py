@@ -288,8 +288,12 @@ def _errors(values: dict[str, str], event_ms: int) -> tuple[dict[str, Any], tupl
     return section, (kind, code), retry_s, should_retry
 
 
-def parse_headers(raw: object, event_ms: int) -> HeaderMeta:
-    """Metadata of one event's upstream response headers; relative times count from `event_ms`."""
+def parse_headers(raw: object, event_ms: int, *, sections: bool = True) -> HeaderMeta:
+    """Metadata of one event's upstream response headers; relative times count from `event_ms`.
+
+    `sections=False` leaves the routing, response, rate-limit and data-policy sections out of
+    `meta` (normalize stores `meta` only for failures); every other field is the same.
+    """
     values = header_values(raw)
     if not values:
         return HeaderMeta()
@@ -306,7 +310,8 @@ def parse_headers(raw: object, event_ms: int) -> HeaderMeta:
     for key, section in (("quota", quota), ("errors", errors), ("trace", trace)):
         if section:
             meta[key] = section
-    meta.update(_simple_sections(values))
+    if sections:
+        meta.update(_simple_sections(values))
     window = reached or summary
     return HeaderMeta(
         meta=meta, values=values, quota_plan=values.get("x-codex-plan-type"),

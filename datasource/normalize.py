@@ -277,7 +277,7 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
     ident = _identity(obj)
     failed = _failed(obj)
     status, body = _fail_parts(obj)
-    meta = parse_headers(_headers_raw(obj), ts_ms)
+    meta = parse_headers(_headers_raw(obj), ts_ms, sections=failed)  # full metadata is kept for failures only
     markers = " ".join((executor, provider, text_of(obj, ("auth_type", "authType"))))
     tier, request_tier, response_tier = service_tiers(obj, markers)
     ttft = _optional_ms(obj, ("ttft_ms", "time_to_first_token_ms"))

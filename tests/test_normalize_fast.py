@@ -42,3 +42,21 @@ def test_ingest_array_item_embedded_as_a_string_with_a_lone_surrogate():
     assert items[0].row["model"] == "m\ufffdx"
     record = classify(b'{"a": 1}')
     assert record.plain and record.obj == {"a": 1}
+
+
+def test_headers_without_sections_keep_every_typed_field():
+    from datasource.headers import parse_headers
+
+    raw = {"Content-Type": ["text/event-stream"], "Server": ["cloudflare"], "X-Request-Id": ["req_1"],
+           "X-Codex-Plan-Type": ["plus"], "X-Codex-Primary-Used-Percent": ["66"],
+           "X-Codex-Primary-Window-Minutes": ["300"], "X-Codex-Primary-Reset-After-Seconds": ["60"]}
+    full = parse_headers(raw, 1_000_000)
+    lean = parse_headers(raw, 1_000_000, sections=False)
+    assert full.meta["routing"] == {"server": "cloudflare"} and "routing" not in lean.meta
+    assert full.meta["response"] == {"content-type": "text/event-stream"} and "response" not in lean.meta
+    assert lean.meta["quota"] == full.meta["quota"] and lean.meta["trace"] == {"x-request-id": "req_1"}
+    assert (lean.quota_plan, lean.quota_used_pct, lean.quota_recover_at_ms, lean.quota_window) == \
+        ("plus", 66.0, 1_060_000, "five_hour")
+    assert (lean.trace_id, lean.content_type) == ("req_1", "text/event-stream")
+    assert {f: getattr(lean, f) for f in lean.__slots__ if f != "meta"} == \
+        {f: getattr(full, f) for f in full.__slots__ if f != "meta"}
