@@ -22,6 +22,7 @@ merge the rollup sketches and add the raw edges' values to the merged sketch (1 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -319,6 +320,33 @@ def _select(piece: Piece, group: Sequence[str], step: int | None, fold: bool = F
     return ", ".join(exprs), ", ".join(str(i + 1) for i in range(len(exprs)))
 
 
+STANDARD_PCTS = (50, 95, 99)
+
+# Results kept per connection for MEMO_TTL_S, keyed also by the connection's own change count
+# and PRAGMA data_version (which moves when another connection commits): never stale data.
+MEMO_TTL_S = 2.0
+_memo: dict[tuple, tuple[float, Any]] = {}
+
+
+def _memo_key(conn: Any, key: tuple) -> tuple:
+    return (id(conn), conn.filename, conn.total_changes(), conn.pragma("data_version"), *key)
+
+
+def _memo_get(conn: Any, key: tuple) -> Any:
+    hit = _memo.get(_memo_key(conn, key))
+    if hit is None or time.monotonic() - hit[0] > MEMO_TTL_S:
+        return None
+    return hit[1]
+
+
+def _memo_put(conn: Any, key: tuple, value: Any) -> None:
+    now = time.monotonic()
+    if len(_memo) >= 64:
+        for k in [k for k, (t, _) in _memo.items() if now - t > MEMO_TTL_S] or list(_memo):
+            _memo.pop(k, None)
+    _memo[_memo_key(conn, key)] = (now, value)
+
+
 # A raw piece up to this long is scanned for distinct keys; longer ones seek per key.
 SCAN_DISTINCT_MS = 2 * HOUR
 
@@ -384,7 +412,21 @@ class Reader:
 
     def distribution(self, column: str, from_ms: int, to_ms: int, group: Sequence[str] = (), *,
                      step: int | None = None) -> "Distributions":
-        """Latency or TTFT samples per group: merged rollup sketches plus raw edge values."""
+        """Latency or TTFT samples per group: merged rollup sketches plus raw edge values.
+
+        Kept for a moment (`_memo`): the p50/p95/p99 targets of one panel merge the same sketches.
+        """
+        memo_key = ("dist", column, from_ms, to_ms, tuple(group), step, tuple(self.clauses), self.rollups)
+        found = _memo_get(self.conn, memo_key)
+        if found is not None:
+            self.used_rollups = self.used_rollups or found.approximate
+            return found
+        out = self._distribution(column, from_ms, to_ms, group, step=step)
+        _memo_put(self.conn, memo_key, out)
+        return out
+
+    def _distribution(self, column: str, from_ms: int, to_ms: int, group: Sequence[str] = (), *,
+                      step: int | None = None) -> "Distributions":
         out = Distributions()
         p = self.plan(from_ms, to_ms, group, sketches=True, step=step)
         out.approximate = p.uses_rollups
@@ -432,17 +474,31 @@ class Reader:
         return out
 
     def exact_series(self, column: str, from_ms: int, to_ms: int, step: int, pct: int) -> dict[int, Any] | None:
-        """Nearest-rank percentile per time bucket computed inside SQLite (one row per bucket),
-        when the whole window reads raw events anyway; None when rollups would answer part."""
+        """Nearest-rank percentile per time bucket computed inside SQLite (one row per bucket and
+        percentile), when the whole window reads raw events anyway; None when rollups would
+        answer part. p50, p95 and p99 are ranked together and kept for a moment
+        (`_memo`): a latency panel asks for the three as separate targets of one request.
+        """
         p = self.plan(from_ms, to_ms, (), sketches=True, step=step)
         if p.uses_rollups:
             return None
-        where, params = p.where(p.pieces[0], self.clauses)
-        sql = (f"SELECT b, v FROM (SELECT ts_ms - (ts_ms % ?) AS b, {column} AS v, "
-               f"row_number() OVER (PARTITION BY ts_ms - (ts_ms % ?) ORDER BY {column}) AS rn, "
-               f"count(*) OVER (PARTITION BY ts_ms - (ts_ms % ?)) AS n "
-               f"FROM events WHERE {where} AND {column} > 0) WHERE rn = max(1, (n * ? + 99) / 100)")
-        return dict(self.conn.execute(sql, (step, step, step, *params, pct)))
+        pcts = STANDARD_PCTS if pct in STANDARD_PCTS else (pct,)
+        key = ("series", column, from_ms, to_ms, step, tuple(self.clauses), pcts)
+        found = _memo_get(self.conn, key)
+        if found is None:
+            where, params = p.where(p.pieces[0], self.clauses)
+            ranks = " OR ".join("rn = max(1, (n * ? + 99) / 100)" for _ in pcts)
+            sql = (f"SELECT b, rn, n, v FROM (SELECT ts_ms - (ts_ms % ?) AS b, {column} AS v, "
+                   f"row_number() OVER (PARTITION BY ts_ms - (ts_ms % ?) ORDER BY {column}) AS rn, "
+                   f"count(*) OVER (PARTITION BY ts_ms - (ts_ms % ?)) AS n "
+                   f"FROM events WHERE {where} AND {column} > 0) WHERE {ranks}")
+            found = {q: {} for q in pcts}
+            for b, rn, n, v in self.conn.execute(sql, (step, step, step, *params, *pcts)):
+                for q in pcts:
+                    if rn == max(1, (n * q + 99) // 100):
+                        found[q][b] = v
+            _memo_put(self.conn, key, found)
+        return found[pct]
 
     def distinct(self, column: str, from_ms: int, to_ms: int, skip: str) -> set[str]:
         """Distinct values of a key column (`skip`, the 'none' value, excluded), exact.
