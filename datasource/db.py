@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from urllib.parse import quote
 from typing import Callable
 
 import apsw
@@ -38,6 +39,14 @@ WRITER_CACHE_KIB = 32 * 1024
 READER_CACHE_KIB = 8 * 1024
 
 
+def _on_read_only_fs_without_wal(path: str) -> bool:
+    try:
+        read_only = bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+    return read_only and os.path.exists(path) and not os.path.exists(path + "-wal")
+
+
 def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -> apsw.Connection:
     setup_sqlite()
     if readonly:
@@ -47,7 +56,20 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     conn = apsw.Connection(path, flags=flags, statementcachesize=200)
     conn.set_busy_timeout(busy_timeout_ms)
-    conn.pragma("foreign_keys", True)
+    try:
+        conn.pragma("foreign_keys", True)
+        if readonly:
+            conn.pragma("schema_version")  # opens the file (and its WAL index) now
+    except apsw.CantOpenError:
+        if not (readonly and _on_read_only_fs_without_wal(path)):
+            raise
+        # WAL mode needs a -shm it can create; on a read-only filesystem with no -wal (the last
+        # clean close checkpointed and removed it) the file alone is the whole database, so it
+        # is opened as immutable: readers keep answering while the collector cannot write.
+        conn.close()
+        conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?immutable=1",
+                               flags=flags | apsw.SQLITE_OPEN_URI, statementcachesize=200)
+        conn.pragma("foreign_keys", True)
     if not readonly:
         conn.pragma("journal_mode", "wal")
         conn.pragma("synchronous", "NORMAL")

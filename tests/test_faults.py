@@ -45,6 +45,18 @@ def web_status(db: str, client=None) -> dict:
     return {row["instance"]: row for row in body["collectors"]}["default"]
 
 
+def read_only_summary(db: str) -> int:
+    """The datasource's read path (readers + query) on its own: create_app migrates at start-up,
+    a write that a read-only filesystem refuses, so a datasource cannot start there."""
+    from datasource import protocol
+    from datasource import query as query_module
+    from datasource.db import Readers
+
+    [target] = protocol.parse_query({"range": WINDOW, "targets": [{"refId": "S", "target": "summary"}]})
+    [row] = protocol.frame_rows(query_module.execute(Readers(db).get(), target.spec))
+    return row["requests"]
+
+
 def annotations(db: str) -> list[tuple[str, str, bool]]:
     """(title, text, closed) of every collector-gap annotation POST /query returns."""
     body = {"range": WINDOW, "targets": [{"refId": "G", "target": "annotations",
@@ -578,7 +590,8 @@ def test_read_only_mount_at_start_pops_nothing_until_writable(settings, small_fs
             time.sleep(1.5)  # several open attempts with backoff
             assert not svc.loops() or svc.loops()[0].conn is None
             assert server.client().llen("usage") == 50  # nothing popped
-            # (readers cannot open it either: WAL needs the -wal/-shm files the last close removed; docs/collector.md)
+            assert event_count(db) == 10  # readers open it immutable (no -wal on a read-only filesystem)
+            assert read_only_summary(db) == 10
             assert subprocess.run(["mount", "-o", "remount,rw", str(small_fs)]).returncode == 0
             wait_for(lambda: event_count(db) == 60, timeout=15)
         finally:
