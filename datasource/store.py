@@ -142,12 +142,7 @@ def _enrich(
     instance: str,
     cache: dict[tuple[str, str], tuple[Any, ...] | None],
 ) -> dict[str, Any]:
-    """A copy of `row` with account fields filled from CPA's auth files (the accounts table).
-
-    The auth file's account/label replaces the masked `source` that normalize put in
-    `account` as a fallback (reference 3.5 precedence: account, label, then source);
-    auth file, project and provider fill only empty fields.
-    """
+    """A copy of `row` with empty account fields filled from the accounts table."""
     out = dict(row)
     auth_index = out.get("auth_index")
     if not auth_index:
@@ -159,7 +154,7 @@ def _enrich(
     if found is None:
         return out
     name, label, account, provider, project_id = found
-    if account or label:
+    if not out.get("account") and (account or label):
         out["account"] = account or label
     if not out.get("auth_file") and name:
         out["auth_file"] = name
