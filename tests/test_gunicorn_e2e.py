@@ -49,6 +49,21 @@ def call(url: str, body: dict | None = None, token: str | None = TOKEN) -> tuple
         return exc.code, json.loads(exc.read())
 
 
+def wait_ready(base: str, proc: subprocess.Popen, log_path) -> None:
+    """Poll GET / until serve answers 200; fail with its log if it exits or takes over 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if call(base + "/", token=None)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("serve did not become ready:\n" + open(log_path).read())
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def server(tmp_path):
     db = str(tmp_path / "monitor.db")
@@ -59,18 +74,7 @@ def server(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if call(base + "/", token=None)[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail("serve did not become ready:\n" + log.read())
-        time.sleep(0.1)
+    wait_ready(base, proc, tmp_path / "serve.log")
     yield base, log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
@@ -139,15 +143,7 @@ def test_debug_log_of_a_served_collector_holds_no_key_or_token(tmp_path):
             proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if call(base + "/", token=None)[0] == 200:
-                        break
-                except (urllib.error.URLError, ConnectionError):
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
+            wait_ready(base, proc, log_path)
             for guess in ("e2eLEAK-guess-0022", "e2eLEAK-bare-0023"):
                 assert call(base + "/status", token=guess)[0] == 403
             request = urllib.request.Request(base + "/status", headers={"Authorization": "e2eLEAK-bare-0024"})
