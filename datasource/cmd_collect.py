@@ -112,5 +112,4 @@ def status(settings: Settings) -> None:
 COMMANDS: list[click.Command] = [
     collect,
     status,
-    # `demo` (embedded CPA stand-in + traffic + collector + datasource) is appended here by the demo work.
 ]

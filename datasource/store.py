@@ -142,7 +142,13 @@ def _enrich(
     instance: str,
     cache: dict[tuple[str, str], tuple[Any, ...] | None],
 ) -> dict[str, Any]:
-    """A copy of `row` with empty account fields filled from the accounts table."""
+    """A copy of `row` with account fields filled from CPA's auth files (the accounts table).
+
+    The auth file's account, else its label, names the account when the event has none or only
+    the fallback normalize puts there (the masked `source`): reference 3.5 precedence is
+    account, label, then source. An account the event brought itself (an imported export line)
+    is kept; auth file, project and provider fill only empty fields.
+    """
     out = dict(row)
     auth_index = out.get("auth_index")
     if not auth_index:
@@ -154,7 +160,8 @@ def _enrich(
     if found is None:
         return out
     name, label, account, provider, project_id = found
-    if not out.get("account") and (account or label):
+    current_account = out.get("account")
+    if (account or label) and (not current_account or current_account == out.get("source")):
         out["account"] = account or label
     if not out.get("auth_file") and name:
         out["auth_file"] = name

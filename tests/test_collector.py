@@ -140,6 +140,9 @@ def test_http_mode_stores_events_and_dead_letters_invalid_items(cpa, settings):
         assert query(settings.db, "SELECT origin, payload FROM dead_letters") == [("collector", b"not json")]
         accounts = query(settings.db, "SELECT auth_index, name, label, provider, project_id FROM accounts")
         assert accounts == [("9f2c4e1a7b3d5c60", "alice.json", "alice@example.com", "codex", "proj-a")]
+        # events name the account from its auth file, not by the masked source (ali***@example.com)
+        assert query(settings.db, "SELECT DISTINCT account, auth_file, project_id FROM events") == \
+            [("alice@example.com", "alice.json", "proj-a")]
     finally:
         svc.stop()
 

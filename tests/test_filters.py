@@ -159,8 +159,8 @@ def test_variables_tag_keys_and_values(db):
     window = (T10, T10 + HOUR)
     assert query.variable_values(db, "provider", *window, ()) == [("claude", "claude"), ("codex", "codex")]
     accounts = query.variable_values(db, "account", *window, ())
-    assert accounts == [("-", "-"), ("ali***@example.com", "aaaa000000000001"),
-                        ("bob***@example.com", "bbbb000000000002"), ("car***@example.com", "cccc000000000003")]
+    assert accounts == [("-", "-"), ("alice@example.com", "aaaa000000000001"),
+                        ("bob@example.com", "bbbb000000000002"), ("carol@example.com", "cccc000000000003")]
     keys = query.variable_values(db, "api_key", *window, (), aliases={
         "faa210d78e64b975e87ea4585883b7f8c8d5b0c95719a5d70ba0c3a348bc5e24": "ci-bot"})
     assert [t for t, _ in keys] == ["sk******02", "ci-bot"]  # ordered by hash value

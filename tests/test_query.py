@@ -184,10 +184,10 @@ def test_timeseries_alignment_and_max_data_points(db):
 
 def test_timeseries_split_top_n_with_other(db):
     frame, cols = series(db, {"measure": "requests", "split_by": "account", "top": 1})
-    assert list(cols) == ["time", "ali***@example.com", "other"]
-    assert cols["ali***@example.com"] == [2, 1, 0, 1]
+    assert list(cols) == ["time", "alice@example.com", "other"]
+    assert cols["alice@example.com"] == [2, 1, 0, 1]
     assert cols["other"] == [0, 2, 3, 1]
-    assert frame.fields[1].labels == {"account": "ali***@example.com"}
+    assert frame.fields[1].labels == {"account": "alice@example.com"}
     _, cols = series(db, {"measure": "requests", "split_by": "status_class"})
     assert list(cols) == ["time", "failed", "success", "unusual"]
     assert (cols["failed"], cols["success"], cols["unusual"]) == ([0, 2, 2, 1], [2, 1, 1, 0], [0, 0, 0, 1])
@@ -209,7 +209,7 @@ def test_accounts_worst_first_with_cpa_status_and_quota(db):
     assert (b["status"], b["requests"], b["failures"], b["top_failure_type"], b["last_failure_status"]) == (
         "error", 3, 2, "auth", 401)
     assert b["success_rate"] == pytest.approx(1 / 3) and b["p95_latency_ms"] == 4000
-    assert a == {**a, "account": "ali***@example.com", "instance": "default", "provider": "codex",
+    assert a == {**a, "account": "alice@example.com", "instance": "default", "provider": "codex",
                  "auth_file": "alice.json", "status": "active", "requests": 4, "failures": 2,
                  "success_rate": 0.5, "top_failure_type": "quota", "last_failure_status": 503,
                  "total_tokens": 3700, "avg_latency_ms": 1025.0, "p95_latency_ms": 2000,
@@ -266,7 +266,7 @@ def test_breakdown_by_status_code(db):
     assert out[0]["share"] == 0.4 and out[1]["failure_rate"] == 1.0
     assert out[0]["est_cost_usd"] == pytest.approx(0.0062)
     accounts = run(db, "breakdown", {"by": "account"})
-    assert [(r["label"], r["requests"]) for r in accounts][:2] == [("ali***@example.com", 4), ("bob***@example.com", 3)]
+    assert [(r["label"], r["requests"]) for r in accounts][:2] == [("alice@example.com", 4), ("bob@example.com", 3)]
 
 
 def test_usage_by_model_cost_first(db):
@@ -285,7 +285,7 @@ def test_account_actions_events_and_credential_errors(db):
         (B, "reauth", "token_revoked", 2)]
     cred, quota, reauth = out
     assert (cred["last_status"], cred["account"], cred["auth_file"], cred["last_evidence"]) == (
-        401, "ali***@example.com", "alice.json", "token expired")
+        401, "alice@example.com", "alice.json", "token expired")
     assert (quota["first_seen"], quota["last_seen"], quota["last_status"]) == (T10 + 15 * MIN, T10 + 33 * MIN, 429)
     assert quota["quota_recover_at"] == T10 + 2 * HOUR  # the later of the event (11:15) and CPA (12:00)
     assert "a***@example.com" in quota["last_evidence"] and "alice@" not in quota["last_evidence"]

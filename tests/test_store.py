@@ -71,7 +71,7 @@ def test_rejected_items_become_dead_letters_next_to_stored_events(conn):
     ]
 
 
-def test_enrichment_fills_only_missing_account_fields(conn):
+def test_enrichment_names_the_account_and_fills_only_missing_other_fields(conn):
     with conn:
         conn.execute(
             "INSERT INTO accounts(instance, auth_index, name, label, account, provider, project_id, updated_ms) "
@@ -83,7 +83,11 @@ def test_enrichment_fills_only_missing_account_fields(conn):
         )
     items = [
         event(1, row={"auth_index": "a1"}),
-        event(2, row={"auth_index": "a1", "account": "kept", "project_id": "own"}),
+        # normalize's fallback label (the masked source) gives way to the auth file's account
+        event(2, row={"auth_index": "a1", "account": "ali***@example.com", "source": "ali***@example.com",
+                      "project_id": "own"}),
+        # an account the event brought itself (an imported export line) is not the fallback: kept
+        event(5, row={"auth_index": "a1", "account": "kept", "source": "ali***@example.com"}),
         event(3, row={"auth_index": "b2"}),
         event(4, row={"auth_index": "zz"}),
     ]
@@ -93,7 +97,8 @@ def test_enrichment_fills_only_missing_account_fields(conn):
     ).fetchall()
     assert rows == [
         ("a1", "alice@example.com", "alice.json", "proj-9", "openai", "codex"),
-        ("a1", "kept", "alice.json", "own", "openai", "codex"),
+        ("a1", "alice@example.com", "alice.json", "own", "openai", "codex"),
+        ("a1", "kept", "alice.json", "proj-9", "openai", "codex"),
         ("b2", "Bob", "bob.json", None, "codex", "codex"),
         ("zz", None, None, None, "codex", "codex"),
     ]
