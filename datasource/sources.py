@@ -167,6 +167,8 @@ class RespSubscriber:
         self.channel = channel
         self._client = make_client(base_url, key, timeout_s, single=False)
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        self._timeout_s = timeout_s
+        self._failed: SourceError | None = None
         self.last_ping = time.monotonic()
         self.pongs = 0
 
@@ -184,14 +186,25 @@ class RespSubscriber:
         return self
 
     def read(self, timeout_s: float, max_items: int) -> list[Message]:
-        """Messages that arrive within `timeout_s` (returns early once one has come and the line is idle)."""
+        """Messages that arrive within `timeout_s` (returns early once one has come and the line is idle).
+
+        A connection error after some messages were read returns those messages first (they were
+        pushed to us only: CPA does not queue what it publishes) and raises on the next call.
+        """
+        if self._failed is not None:
+            exc, self._failed = self._failed, None
+            raise exc
         out: list[Message] = []
         wait = timeout_s
         while len(out) < max_items:
             try:
-                msg = self._pubsub.get_message(timeout=wait)
+                msg = self._next(wait)
             except Exception as exc:
-                raise _translate(exc, "consume") from exc
+                error = _translate(exc, "consume")
+                if not out:
+                    raise error from exc
+                self._failed = error
+                break
             if msg is None:
                 break
             wait = 0.0 if out else wait
@@ -203,6 +216,22 @@ class RespSubscriber:
                 out.append(Message(self.channel, msg["data"]))
                 wait = 0.0
         return out
+
+    def _next(self, wait_s: float) -> dict | None:
+        """The next push, or None when no byte of one arrives within `wait_s`.
+
+        redis-py's get_message(timeout=t) reads the rest of a push that has begun arriving with
+        the same t as its deadline: with t = 0 a push split across TCP segments raised
+        "Timeout reading from socket" mid-message, which ended a healthy subscription and lost
+        every message its buffers held. So wait for the first byte here, then read the whole
+        push with the connection's own timeout.
+        """
+        conn = self._pubsub.connection
+        if conn is None:
+            raise SourceError("consume", f"subscription to {self.channel} is not open")
+        if not conn.can_read(timeout=wait_s):
+            return None
+        return self._pubsub.get_message(timeout=self._timeout_s)
 
     def ping(self) -> None:
         try:

@@ -371,6 +371,113 @@ def test_subscription_dropped_for_a_full_buffer_reconnects_drains_and_carries_on
         "Collector dropped_subscription: default", "Collector reconnect: default"]
 
 
+class _SlowLink(threading.Thread):
+    """A TCP hop in front of a real redis-server that hands the server's bytes on in `chunk`-byte
+    pieces `pause_s` apart (a slow or congested link): pushes reach the client split mid-message."""
+
+    def __init__(self, backend_port: int, chunk: int = 300, pause_s: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.backend_port, self.chunk, self.pause_s = backend_port, chunk, pause_s
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            backend = socket.create_connection(("127.0.0.1", self.backend_port))
+            threading.Thread(target=self._pump, args=(client, backend, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(backend, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                pieces = [data[i:i + self.chunk] for i in range(0, len(data), self.chunk)] if slow else [data]
+                for piece in pieces:
+                    dst.sendall(piece)
+                    if slow:
+                        time.sleep(self.pause_s)
+        except OSError:
+            pass
+        finally:
+            for end in (src, dst):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_push_split_across_segments_is_read_whole_not_a_timeout():
+    """redis-py's get_message(timeout=0) raised "Timeout reading from socket" on a push whose first
+    bytes had come but not the rest; the subscription ended and the messages read so far were lost."""
+    from datasource.sources import RespSubscriber
+    with RedisServer(KEY) as server:
+        link = _SlowLink(server.port)
+        sub = RespSubscriber(link.url, KEY, "usage", timeout_s=3.0).open()
+        try:
+            producer = server.client()
+            payloads = [event(i) for i in range(60)]  # ~1 KB each: 4 pieces per push on this link
+            for payload in payloads:
+                assert producer.publish("usage", payload) == 1
+            got: list[bytes] = []
+            while batch := sub.read(1.0, 25):
+                assert len(batch) <= 25
+                got += [m.payload for m in batch]
+            assert got == payloads
+        finally:
+            sub.close()
+            link.close()
+
+
+def test_messages_read_before_the_subscription_breaks_are_returned_then_the_error():
+    """CPA pushes to a subscriber and does not queue: what reached our socket before the connection
+    ended exists nowhere else, so read() hands it over and raises on the next call."""
+    from datasource.sources import RespSubscriber, SourceError
+    with RedisServer(KEY) as server:
+        sub = RespSubscriber(server.url, KEY, "usage", timeout_s=3.0).open()
+        try:
+            producer = server.client()
+            for i in range(5):
+                producer.publish("usage", event(i))
+            time.sleep(0.3)  # in our socket's receive buffer
+            server.stop()  # the connection ends after them
+            got = sub.read(1.0, 100)
+            assert [m.payload for m in got] == [event(i) for i in range(5)]
+            with pytest.raises(SourceError) as failure:
+                sub.read(1.0, 100)
+            assert failure.value.stage == "connect" and "closed" in str(failure.value).lower()
+        finally:
+            sub.close()
+
+
+def test_subscribe_mode_over_a_slow_link_stores_every_event_once_without_a_drop(settings):
+    with RedisServer(KEY) as server:
+        link = _SlowLink(server.port)
+        svc = service(settings_for(settings, link.url, collector_mode="subscribe"))
+        try:
+            wait_for(lambda: server.client().pubsub_numsub("usage")[0][1] == 1)
+            producer = server.client()
+            for i in range(400):
+                assert server.enqueue(event(i), producer) is True  # published, never queued
+            wait_for(lambda: event_count(settings.db) == 400, timeout=30)
+            time.sleep(0.5)  # nothing more arrives
+        finally:
+            svc.stop()
+            link.close()
+    assert request_ids(settings.db) == [f"r{i:07d}" for i in range(400)]
+    row = status(settings.db)
+    assert (row["inserted"], row["duplicates"], row["last_error"]) == (400, 0, None)
+    assert episodes(settings.db) == []
+
+
 def _stored_numbers(db: str) -> set[int]:
     return {int(r[1:]) for r in request_ids(db)}
 
