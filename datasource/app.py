@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask
 
 from datasource.config import Settings, configure_logging
-from datasource.db import Readers, open_database
+from datasource.db import Readers, ensure_schema
 from datasource.web import AppState, register
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     if not logging.getLogger().handlers:
         configure_logging(settings.log_level)
-    open_database(settings.db, busy_timeout_ms=settings.busy_timeout_ms).close()
+    # created or migrated when needed; a current schema is only read, so the API starts on a read-only
+    # or full disk and while the collector holds the write lock (docs/storage.md)
+    ensure_schema(settings.db, busy_timeout_ms=settings.busy_timeout_ms)
     readers = Readers(settings.db, settings.busy_timeout_ms)
     app = Flask("datasource")
     state = AppState(settings, readers, load_aliases(settings.api_key_aliases))

@@ -1,12 +1,16 @@
 """Opening SQLite the one right way, and the schema ladder.
 
 `connect()` gives a configured APSW connection (WAL, busy timeout, foreign keys);
-`migrate()` brings a database to SCHEMA_VERSION and refuses a newer one;
-`reader()` hands each thread its own read-only connection, reopened after a fork.
+`migrate()` brings a database to SCHEMA_VERSION and refuses a newer one, writing nothing when it is
+current; `ensure_schema()` readies a database for the read side without a write connection when it is
+current; `Readers` hands each thread its own read-only connection, reopened after a fork.
+Read-only connections never write: not at open, not after (tests/test_db.py holds a writer's lock
+while they open and query).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -17,6 +21,7 @@ import apsw
 import apsw.bestpractice
 
 APPLICATION_ID = 0x43504D31  # "CPM1"
+logger = logging.getLogger(__name__)
 
 _setup_lock = threading.Lock()
 _setup_done = False
@@ -26,12 +31,22 @@ class SchemaError(RuntimeError):
     """The database file cannot be used by this version of CPA Monitor."""
 
 
+# APSW's recommended hooks run inside every Connection() constructor. Two of them write on a
+# read-write connection: `journal_mode=wal` (when not WAL yet) and `PRAGMA optimize=0x10002`, which
+# runs ANALYZE on tables whose statistics are stale. Inside the constructor, with APSW's 100 ms busy
+# timeout, the latter raised BusyError while the collector held the write lock, so opening could
+# fail. connect() does both itself, on read-write connections only, optimize tolerating a busy or
+# read-only database.
+_WRITING_HOOKS = ("connection_wal", "connection_optimize")
+
+
 def setup_sqlite() -> None:
-    """Apply APSW's recommended best practice once per process."""
+    """Apply APSW's recommended best practice once per process, minus the hooks that write."""
     global _setup_done
     with _setup_lock:
         if not _setup_done:
-            apsw.bestpractice.apply(apsw.bestpractice.recommended)
+            apsw.bestpractice.apply(tuple(hook for hook in apsw.bestpractice.recommended
+                                          if hook.__name__ not in _WRITING_HOOKS))
             _setup_done = True
 
 
@@ -74,10 +89,21 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
         conn.pragma("journal_mode", "wal")
         conn.pragma("synchronous", "NORMAL")
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
+        if not conn.readonly("main"):  # SQLite opens a file it cannot write read-only, silently
+            _optimize(conn)
     # Page cache: 32 MiB for the writer; 8 MiB per reader, since gunicorn gives each of its
     # threads a read connection (8 threads x 32 MiB pushed the service past 300 MB RSS).
     conn.pragma("cache_size", -(READER_CACHE_KIB if readonly else WRITER_CACHE_KIB))
     return conn
+
+
+def _optimize(conn: apsw.Connection) -> None:
+    """PRAGMA optimize on opening a read-write connection (ANALYZE where statistics are stale,
+    bounded by SQLite's analysis limit); skipped when the database is busy, read-only or full."""
+    try:
+        conn.pragma("optimize", 0x10002)
+    except (apsw.BusyError, apsw.ReadOnlyError, apsw.FullError, apsw.CantOpenError) as exc:
+        logger.debug("PRAGMA optimize skipped: %s", exc)
 
 
 # --- schema -----------------------------------------------------------------
@@ -450,26 +476,48 @@ MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4,
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def schema_state(conn: apsw.Connection) -> tuple[int, int]:
+    """(user_version, application_id), read only; SchemaError for a newer or foreign database."""
+    current = conn.pragma("user_version")
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema version {current} is newer than this CPA Monitor "
+            f"understands ({SCHEMA_VERSION}); upgrade cpa-monitor or use another database"
+        )
+    app_id = conn.pragma("application_id")
+    if app_id not in (0, APPLICATION_ID):
+        raise SchemaError(f"not a CPA Monitor database (application_id {app_id:#x})")
+    return current, app_id
+
+
 def migrate(conn: apsw.Connection) -> int:
-    """Upgrade to SCHEMA_VERSION in one transaction; return the version reached."""
-    with conn:
-        current = conn.pragma("user_version")
-        if current > SCHEMA_VERSION:
-            raise SchemaError(
-                f"database schema version {current} is newer than this CPA Monitor "
-                f"understands ({SCHEMA_VERSION}); upgrade cpa-monitor or use another database"
-            )
-        app_id = conn.pragma("application_id")
-        if app_id not in (0, APPLICATION_ID):
-            raise SchemaError(f"not a CPA Monitor database (application_id {app_id:#x})")
+    """Upgrade to SCHEMA_VERSION in one transaction; return the version reached.
+
+    A database already at SCHEMA_VERSION is only read (no lock taken, nothing written), so a
+    start-up on a read-only or full disk, or while the collector holds the write lock, does not
+    fail here. Otherwise the steps run under BEGIN IMMEDIATE, re-checked inside it (another
+    process may have migrated meanwhile).
+    """
+    if schema_state(conn) == (SCHEMA_VERSION, APPLICATION_ID):
+        return SCHEMA_VERSION
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current, app_id = schema_state(conn)
         for step in range(current, SCHEMA_VERSION):
             migration = MIGRATIONS[step]
             if callable(migration):  # a step that needs Python (rewriting stored rows)
                 migration(conn)
             else:
                 conn.execute(migration)
-        conn.pragma("user_version", SCHEMA_VERSION)
-        conn.pragma("application_id", APPLICATION_ID)
+        if current != SCHEMA_VERSION:
+            conn.pragma("user_version", SCHEMA_VERSION)
+        if app_id != APPLICATION_ID:
+            conn.pragma("application_id", APPLICATION_ID)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return SCHEMA_VERSION
 
 
@@ -478,6 +526,26 @@ def open_database(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
     conn = connect(path, busy_timeout_ms=busy_timeout_ms)
     migrate(conn)
     return conn
+
+
+def ensure_schema(path: str, *, busy_timeout_ms: int = 5000) -> int:
+    """Ready `path` for the read side and return its schema version.
+
+    An existing database at SCHEMA_VERSION is checked through a read-only connection: nothing is
+    written, so the datasource starts on a read-only file or filesystem, on a full disk, and
+    while the collector holds the write lock. A missing or older database is created or
+    migrated through a read-write connection (which those conditions refuse).
+    """
+    if os.path.exists(path):
+        conn = connect(path, readonly=True, busy_timeout_ms=busy_timeout_ms)
+        try:
+            state = schema_state(conn)
+        finally:
+            conn.close()
+        if state == (SCHEMA_VERSION, APPLICATION_ID):
+            return SCHEMA_VERSION
+    open_database(path, busy_timeout_ms=busy_timeout_ms).close()
+    return SCHEMA_VERSION
 
 
 class Readers:

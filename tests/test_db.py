@@ -38,3 +38,69 @@ def test_readers_are_read_only_and_per_thread(db_path):
     assert readers.get() is conn
     with pytest.raises(apsw.ReadOnlyError):
         conn.execute("INSERT INTO meta(key, value) VALUES ('a', 'b')")
+
+
+# --- opening never writes what it does not have to (issue 7) ----------------------------------
+def _stored(db_path: str, first: int, count: int) -> None:
+    from collector_helpers import event
+    from datasource import store
+    from datasource.normalize import normalize
+    conn = open_database(db_path)
+    try:
+        store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(first, first + count)],
+                           origin="test")
+    finally:
+        conn.close()
+
+
+def _summary(client) -> int:
+    body = {"range": {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"},
+            "targets": [{"refId": "S", "target": "summary"}]}
+    response = client.post("/query", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return {f["name"]: f["values"] for f in response.get_json()[0]["fields"]}["requests"][0]
+
+
+def test_opening_and_starting_while_a_writer_holds_the_lock(db_path):
+    """The collector's transaction holds the write lock: a reader opens and queries, a current schema
+    is checked without a write (migrate, ensure_schema), and the datasource starts and answers. Before,
+    every read-write open ran APSW's PRAGMA optimize in its constructor and migrate rewrote
+    user_version: both raised BusyError here."""
+    from datasource.app import create_app
+    from datasource.config import Settings
+    from datasource.db import ensure_schema
+    _stored(db_path, 0, 12)
+    writer = connect(db_path)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO meta(key, value) VALUES ('uncommitted', 'x')")
+    try:
+        reader = Readers(db_path, busy_timeout_ms=0).get()
+        assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 12
+        assert reader.execute("SELECT count(*) FROM meta WHERE key = 'uncommitted'").fetchone()[0] == 0
+        assert ensure_schema(db_path, busy_timeout_ms=0) == SCHEMA_VERSION
+        other = open_database(db_path, busy_timeout_ms=0)  # a second writer's open (migrate: current, reads only)
+        assert migrate(other) == SCHEMA_VERSION
+        other.close()
+        app = create_app(Settings.from_env({}, db=db_path, collector="off", busy_timeout_ms=0))
+        assert _summary(app.test_client()) == 12
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_migrate_writes_only_the_steps_a_database_needs(db_path):
+    from datasource.db import APPLICATION_ID, MIGRATIONS
+    conn = connect(db_path)
+    for step in MIGRATIONS[:2]:  # a database two steps old
+        conn.execute(step)
+    conn.pragma("user_version", 2)
+    conn.pragma("application_id", APPLICATION_ID)
+    assert migrate(conn) == SCHEMA_VERSION
+    assert conn.pragma("user_version") == SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM sqlite_schema WHERE name = 'rollup_aliases'").fetchone()[0] == 1
+    watcher = connect(db_path, readonly=True)
+    seen = watcher.pragma("data_version")
+    assert migrate(conn) == SCHEMA_VERSION  # current now: nothing written
+    assert watcher.pragma("data_version") == seen  # another connection's commit would change it
+    watcher.close()
+
