@@ -69,6 +69,12 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    # WAL mode needs a -shm it can create; on a read-only filesystem with no -wal (the last
+    # clean close checkpointed and removed it) the file alone is the whole database, so it is
+    # opened as immutable: readers keep answering while the collector cannot write. Checked
+    # first (SQLite logs every failed open as an error), and again on CantOpenError (a race).
+    if readonly and _on_read_only_fs_without_wal(path):
+        return _immutable(path, busy_timeout_ms)
     conn = apsw.Connection(path, flags=flags, statementcachesize=200)
     conn.set_busy_timeout(busy_timeout_ms)
     try:
@@ -78,13 +84,8 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
     except apsw.CantOpenError:
         if not (readonly and _on_read_only_fs_without_wal(path)):
             raise
-        # WAL mode needs a -shm it can create; on a read-only filesystem with no -wal (the last
-        # clean close checkpointed and removed it) the file alone is the whole database, so it
-        # is opened as immutable: readers keep answering while the collector cannot write.
         conn.close()
-        conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?immutable=1",
-                               flags=flags | apsw.SQLITE_OPEN_URI, statementcachesize=200)
-        conn.pragma("foreign_keys", True)
+        return _immutable(path, busy_timeout_ms)
     if not readonly:
         conn.pragma("journal_mode", "wal")
         conn.pragma("synchronous", "NORMAL")
@@ -95,6 +96,20 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
     # threads a read connection (8 threads x 32 MiB pushed the service past 300 MB RSS).
     conn.pragma("cache_size", -(READER_CACHE_KIB if readonly else WRITER_CACHE_KIB))
     return conn
+
+
+def _immutable(path: str, busy_timeout_ms: int) -> apsw.Connection:
+    conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?immutable=1",
+                           flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI, statementcachesize=200)
+    conn.set_busy_timeout(busy_timeout_ms)
+    conn.pragma("foreign_keys", True)
+    conn.pragma("cache_size", -READER_CACHE_KIB)
+    return conn
+
+
+def is_immutable(conn: apsw.Connection) -> bool:
+    """A connection connect() opened as immutable (read-only filesystem, no -wal)."""
+    return bool(conn.open_flags & apsw.SQLITE_OPEN_URI)
 
 
 def _optimize(conn: apsw.Connection) -> None:
@@ -522,9 +537,19 @@ def migrate(conn: apsw.Connection) -> int:
 
 
 def open_database(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
-    """A read-write connection to a migrated database (created on first use)."""
+    """A read-write connection to a migrated database (created on first use).
+
+    SQLite opens a file it cannot write read-only without saying so; that is refused here
+    (ReadOnlyError), since every caller of this function writes.
+    """
     conn = connect(path, busy_timeout_ms=busy_timeout_ms)
-    migrate(conn)
+    try:
+        if conn.readonly("main"):
+            raise apsw.ReadOnlyError(f"{path} can only be opened read-only (file or filesystem not writable)")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -549,7 +574,9 @@ def ensure_schema(path: str, *, busy_timeout_ms: int = 5000) -> int:
 
 
 class Readers:
-    """One read-only connection per thread, reopened when the process has forked."""
+    """One read-only connection per thread, reopened when the process has forked, and when it
+    was opened immutable on a read-only filesystem that has become writable (SQLite takes no
+    locks on an immutable file: once the collector writes again, it must not be read that way)."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
@@ -558,6 +585,9 @@ class Readers:
 
     def get(self) -> apsw.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and is_immutable(conn) and not _on_read_only_fs_without_wal(self.path):
+            conn.close()
+            conn = None
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = connect(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
             self._local.conn = conn

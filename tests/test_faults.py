@@ -46,15 +46,8 @@ def web_status(db: str, client=None) -> dict:
 
 
 def read_only_summary(db: str) -> int:
-    """The datasource's read path (readers + query) on its own: create_app migrates at start-up,
-    a write that a read-only filesystem refuses, so a datasource cannot start there."""
-    from datasource import protocol
-    from datasource import query as query_module
-    from datasource.db import Readers
-
-    [target] = protocol.parse_query({"range": WINDOW, "targets": [{"refId": "S", "target": "summary"}]})
-    [row] = protocol.frame_rows(query_module.execute(Readers(db).get(), target.spec))
-    return row["requests"]
+    """`summary` from a datasource started now (create_app writes nothing when the schema is current)."""
+    return _summary_requests(web(db))
 
 
 def annotations(db: str) -> list[tuple[str, str, bool]]:
@@ -601,7 +594,12 @@ def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(
             for i in range(300):
                 server.enqueue(event(i))
             wait_for(lambda: event_count(db) == 300)
-            client = web(db)  # a running datasource (a new one could not start: start-up migrates, a write)
+            client = web(db)  # a datasource started before the disk filled (one started after: see below)
+            # an empty WAL first: with room left in the WAL file, batches would still commit after the fill
+            from datasource.db import connect
+            checkpointer = connect(db)
+            assert checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+            checkpointer.close()
             assert _fill(filler) > 0
             for i in range(300, 800):
                 server.enqueue(event(i))
@@ -613,6 +611,7 @@ def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(
             assert server.client().llen("usage") == 500 - held  # one batch held, nothing more popped
             assert event_count(db) == 300
             assert _summary_requests(client) == 300  # queries keep answering
+            assert read_only_summary(db) == 300  # and a datasource starts on the full disk
             row = web_status(db, client)  # the database refuses the row: it comes from the sidecar file
             assert (row["state"], row["last_error_stage"]) == ("error", "store")
             assert row["last_error"] == loop.status.last_error
@@ -705,6 +704,88 @@ def test_read_only_mount_at_start_pops_nothing_until_writable(settings, small_fs
             svc.stop()
     assert request_ids(db) == [f"r{i:07d}" for i in range(60)]
     assert status(db)["duplicates"] == 0
+
+
+def _remount(mnt, mode: str) -> None:
+    done = subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def _store_events(db: str, numbers: range) -> None:
+    from datasource import store
+    from datasource.db import open_database
+    from datasource.normalize import normalize
+    conn = open_database(db)
+    try:
+        store.insert_batch(conn, [normalize(event(i), instance="default") for i in numbers], origin="test")
+    finally:
+        conn.close()
+
+
+def test_datasource_starts_and_answers_on_a_read_only_mount(settings, small_fs):
+    """The datasource (create_app, with the collector on) starts on a read-only filesystem holding a
+    database the store made: start-up reads the schema version and writes nothing, readers open the
+    file as immutable (no -wal after a clean close; WAL could not create its -shm), queries answer.
+    Writable again, the same datasource's readers reopen normally and see what the collector adds."""
+    from dataclasses import replace
+    db = str(small_fs / "monitor.db")
+    _store_events(db, range(10))
+    assert sorted(os.listdir(small_fs)) == ["monitor.db"]  # the last close checkpointed and removed -wal/-shm
+    _remount(small_fs, "ro")
+    with RedisServer(KEY) as server:
+        for i in range(10, 30):
+            server.enqueue(event(i))
+        cfg = settings_for(replace(settings, db=db), server.url, collector_mode="resp", pop_side="left")
+        read_only, app = True, None
+        try:
+            app = create_app(cfg)
+            client = app.test_client()
+            assert _summary_requests(client) == 10
+            assert client.get("/status").status_code == 200
+            time.sleep(1.0)  # the collector keeps trying to open its store
+            assert server.client().llen("usage") == 20  # and pops nothing
+            assert sorted(os.listdir(small_fs)) == ["monitor.db"]
+            _remount(small_fs, "rw")
+            read_only = False
+            wait_for(lambda: event_count(db) == 30, timeout=20)
+            assert _summary_requests(client) == 30  # the immutable reader was replaced
+        finally:
+            if read_only:
+                _remount(small_fs, "rw")
+            if app is not None and app.extensions["cpa_monitor"].collector is not None:
+                app.extensions["cpa_monitor"].collector.stop()
+    assert request_ids(db) == [f"r{i:07d}" for i in range(30)]
+
+
+def test_read_only_mount_with_a_wal_reads_it_and_refuses_a_writer(settings, small_fs, tmp_path):
+    """The files as a running collector leaves them (-wal holding committed transactions, -shm) on a
+    filesystem mounted read-only: readers see the WAL's rows too; a write connection is refused with
+    a clear error instead of SQLite's silent read-only open. (A -wal without its -shm cannot be read
+    there at all: docs/storage.md.)"""
+    import shutil
+
+    import apsw
+    from dataclasses import replace
+
+    from datasource.db import connect, open_database
+    src = str(tmp_path / "live.db")
+    _store_events(src, range(8))
+    holder = connect(src)  # keeps -wal/-shm in place
+    holder.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    _store_events(src, range(8, 13))  # these 5 are in the WAL only
+    assert os.path.getsize(src + "-wal") > 0
+    for suffix in ("", "-wal", "-shm"):
+        shutil.copy(src + suffix, str(small_fs / "monitor.db") + suffix)
+    holder.close()
+    db = str(small_fs / "monitor.db")
+    _remount(small_fs, "ro")
+    try:
+        client = create_app(replace(settings, db=db, collector="off")).test_client()
+        assert _summary_requests(client) == 13
+        with pytest.raises(apsw.ReadOnlyError, match="can only be opened read-only"):
+            open_database(db)
+    finally:
+        _remount(small_fs, "rw")
 
 
 def test_writer_locked_out_past_the_busy_timeout_holds_and_retries(settings):
