@@ -73,12 +73,17 @@ def insert_batch(
     origin: str,
     instance: str = "default",
     now_ms: int | None = None,
+    rollup_rows: list[dict[str, Any]] | None = None,
 ) -> InsertResult:
     """Store one batch in one IMMEDIATE transaction; duplicates (by ledger hash) are skipped.
 
     Normalized items become events rows (enriched from `accounts`) plus an
     event_private row when they carry a private value; Rejected items become
     dead letters. Returns the counts and the new event ids in input order.
+
+    Rollups are updated in the same transaction, unless `rollup_rows` is given: then the new
+    rows are appended to it and the caller must pass them to `rollup.apply` itself (dataset
+    building, which applies many batches at once; until it does, the rollups lag the events).
     """
     received_ms = _now_ms() if now_ms is None else now_ms
     result = InsertResult()
@@ -107,7 +112,10 @@ def insert_batch(
             result.inserted_ids.append(next_id)
             next_id += 1
         _insert_rows(conn, "events", [rowpack.pack(row) for row in events])  # compact form (rowpack)
-        rollup.apply(conn, events)  # rollups see only new rows, so dedup keeps them exact
+        if rollup_rows is None:
+            rollup.apply(conn, events)  # rollups see only new rows, so dedup keeps them exact
+        else:
+            rollup_rows.extend(events)
         _insert_rows(conn, "event_private", [rowpack.pack_private(row) for row in privates])
         if dead:
             conn.executemany(INSERT_DEAD_LETTER, dead)

@@ -199,3 +199,35 @@ def test_table_columns_only_for_store_tables(conn):
     assert "event_hash" in store.table_columns(conn, "events")
     with pytest.raises(ValueError):
         store.table_columns(conn, "accounts")
+
+
+def test_deferred_rollups_are_the_rows_a_later_apply_adds(conn, tmp_path):
+    from datasource import rollup
+
+    hour = 3_600_000
+    batches = [[event(n, ts_ms=1_778_000_000_000 + n * 600_000, row={"latency_ms": 100 * n, "ttft_ms": 7})
+                for n in range(b * 4, b * 4 + 4)] for b in range(3)]
+    pending: list = []
+    for batch in batches:
+        store.insert_batch(conn, batch, origin="test", rollup_rows=pending)
+    # a duplicate is not deferred twice
+    assert store.insert_batch(conn, batches[0][:1], origin="test", rollup_rows=pending).duplicates == 1
+    assert [row["id"] for row in pending] == list(range(1, 13))
+    assert count(conn, "rollup_traffic_hour") == 0  # nothing applied yet
+    with conn:
+        rollup.apply(conn, pending)
+    # 12 events 10 minutes apart from 1_778_000_000_000 (16:53:20 UTC): hours 16, 17 and 18 hold 1, 6, 5
+    assert conn.execute("SELECT bucket_ms, requests, input_tokens, latency_sum_ms FROM rollup_traffic_hour "
+                        "ORDER BY bucket_ms").fetchall() == [
+        (1_777_996_800_000, 1, 0, 0),
+        (1_777_996_800_000 + hour, 6, 10 * (1 + 2 + 3 + 4 + 5 + 6), 100 * (1 + 2 + 3 + 4 + 5 + 6)),
+        (1_777_996_800_000 + 2 * hour, 5, 10 * (7 + 8 + 9 + 10 + 11), 100 * (7 + 8 + 9 + 10 + 11)),
+    ]
+    # the same batches stored the usual way give the same rollup rows, sketches included
+    other = open_database(str(tmp_path / "per-batch.db"))
+    for batch in batches:
+        store.insert_batch(other, batch, origin="test")
+    for spec in rollup.SPECS:
+        query = f"SELECT * FROM {spec.table} ORDER BY " + ", ".join(("bucket_ms",) + spec.dims)
+        assert conn.execute(query).fetchall() == other.execute(query).fetchall(), spec.table
+    other.close()
