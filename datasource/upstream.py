@@ -10,6 +10,7 @@ per try. Every state change is written to collector_status; outages become colle
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from datasource.config import Settings
 from datasource.db import open_database
 from datasource.ingest import Ingestor
 from datasource.model import InsertResult, Rejected
-from datasource.sources import (ERRORS, USAGE, AuthError, BadReply, HttpManagement, RespConnection,
+from datasource.sources import (ERRORS, USAGE, AuthError, BadReply, HttpManagement, Message, RespConnection,
                                 RespSubscriber, SourceError, Unsupported)
 from datasource.store_status import StatusRow
 
@@ -42,6 +43,81 @@ class Timing:
     drain_interval_s: float = 5.0
     lock_retry_s: float = 3.0
     connect_timeout_s: float = 10.0
+
+
+# Messages the subscription reader may hold in memory ahead of the store (~1-2 KB each). Past it,
+# the reader stops reading and CPA drops the subscription once its own 256-message buffer is full.
+SUBSCRIPTION_BACKLOG = 20_000
+
+
+class SubscriptionReader(threading.Thread):
+    """Reads a `usage` subscription on its own thread, so the socket keeps being read while the
+    store is slow (a TRUNCATE checkpoint waiting for readers, a busy or full database).
+
+    CPA drops a subscriber 256 messages behind, and what it had pushed to that subscriber is lost.
+    Reading from the same thread that stores let a 3 s writer stall at 500 events/s cost a drop.
+    The reader also sends the keep-alive PINGs, so only this thread touches the connection.
+    `take()` hands messages over in arrival order; once the connection fails, it raises that error
+    after every message read before it has been taken.
+    """
+
+    def __init__(self, sub: RespSubscriber, timing: "Timing", batch_size: int, limit: int | None = None) -> None:
+        super().__init__(name="datasource-collector-subscription", daemon=True)
+        self.sub, self.timing, self.batch_size = sub, timing, batch_size
+        self.limit = limit or SUBSCRIPTION_BACKLOG
+        self.pings = 0
+        self.high_water = 0
+        self._items: collections.deque[Message] = collections.deque()
+        self._cond = threading.Condition()
+        self._halt = threading.Event()
+        self._error: SourceError | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                with self._cond:
+                    full = len(self._items) >= self.limit
+                if full:  # the store is far behind: stop reading (CPA will drop us) rather than grow
+                    self._halt.wait(self.timing.read_timeout_s)
+                else:
+                    messages = self.sub.read(self.timing.read_timeout_s, self.batch_size)
+                    if messages:
+                        with self._cond:
+                            self._items.extend(messages)
+                            self.high_water = max(self.high_water, len(self._items))
+                            self._cond.notify_all()
+                if time.monotonic() - self.sub.last_ping >= self.timing.keepalive_s:
+                    self.sub.ping()
+                    self.pings += 1
+        except SourceError as exc:
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        except Exception as exc:  # never leave take() waiting on a dead thread
+            with self._cond:
+                self._error = SourceError("consume", f"{exc.__class__.__name__}: {exc}")
+                self._cond.notify_all()
+
+    def take(self, timeout_s: float, max_items: int) -> list[Message]:
+        """Up to `max_items` messages, waiting up to `timeout_s` for the first; raises the
+        connection's error once nothing read before it is left."""
+        with self._cond:
+            if not self._items and self._error is None:
+                self._cond.wait(timeout_s)
+            if self._items:
+                count = min(max_items, len(self._items))
+                return [self._items.popleft() for _ in range(count)]
+            if self._error is not None:
+                raise self._error
+            return []
+
+    def halt(self) -> list[Message]:
+        """Stop reading; the messages read and not yet taken."""
+        self._halt.set()
+        self.join(self.timing.read_timeout_s + self.timing.connect_timeout_s)
+        with self._cond:
+            rest, self._items = list(self._items), collections.deque()
+        return rest
 
 
 class ConfigRefused(Exception):
@@ -80,6 +156,7 @@ class UpstreamLoop:
         self.conn = None
         self.ingestor: Ingestor | None = None
         self.pings = 0
+        self.reader: SubscriptionReader | None = None  # the current subscription's reader thread
         self.store_down_since_ms: int | None = None
         self.store_episode: int | None = None
         self.store_retries = 0
@@ -371,19 +448,31 @@ class UpstreamLoop:
     def subscribed(self, sub: RespSubscriber, popper: RespConnection, errsub: RespSubscriber | None) -> None:
         t = self.timing
         last_drain = time.monotonic()
-        while not self.stop.is_set():
-            messages = sub.read(t.read_timeout_s, self.settings.batch_size)
-            if messages:
-                self.consume([m.payload for m in messages])
-            if errsub is not None:
-                errors = errsub.read(0.0, self.settings.batch_size)
-                if errors and self.ingestor is not None:
-                    self.ingestor.errors([m.payload for m in errors])
-            if time.monotonic() - sub.last_ping >= t.keepalive_s:
-                for conn in (sub, errsub):
-                    if conn is not None:
-                        conn.ping()
-                self.pings += 1
-            if time.monotonic() - last_drain >= t.drain_interval_s:
-                self.drain(popper)  # items a dropped or racing subscriber left in the queue
-                last_drain = time.monotonic()
+        reader = SubscriptionReader(sub, t, self.settings.batch_size)
+        self.reader = reader
+        reader.start()
+        pings = 0
+        try:
+            while not self.stop.is_set():
+                messages = reader.take(t.read_timeout_s, self.settings.batch_size)
+                if messages:
+                    self.consume([m.payload for m in messages])
+                if errsub is not None:
+                    errors = errsub.read(0.0, self.settings.batch_size)
+                    if errors and self.ingestor is not None:
+                        self.ingestor.errors([m.payload for m in errors])
+                    if time.monotonic() - errsub.last_ping >= t.keepalive_s:
+                        errsub.ping()
+                if reader.pings != pings:
+                    self.pings += reader.pings - pings
+                    pings = reader.pings
+                if time.monotonic() - last_drain >= t.drain_interval_s:
+                    self.drain(popper)  # items a dropped or racing subscriber left in the queue
+                    last_drain = time.monotonic()
+        finally:
+            rest = reader.halt()
+            if rest:  # pushed to us only: CPA holds no other copy
+                try:
+                    self.consume([m.payload for m in rest])
+                except Exception:  # already ending with an error; do not hide it
+                    logger.exception("%s: %d subscription messages read but not stored", self.name, len(rest))

@@ -364,6 +364,44 @@ def test_subscription_dropped_for_a_full_buffer_reconnects_drains_and_carries_on
         "Collector dropped_subscription: default", "Collector reconnect: default"]
 
 
+def test_a_stalled_store_does_not_stop_the_subscription_being_read(settings):
+    """The store stalls (a writer holds the lock, as a TRUNCATE checkpoint waiting for readers does)
+    while CPA pushes 4,000 events at ~1,600/s: the subscription is still read (CPA's 256-message
+    buffer never fills), the events wait in memory and are stored once the lock is released, all of
+    them, once. When the read was on the storing thread, CPA dropped the subscriber and what it had
+    pushed was lost."""
+    cpa = FakeCPA(KEY)  # CPA's real buffer: 256 messages per subscriber
+    cpa.start()
+    svc = service(settings_for(settings, cpa.url, collector_mode="subscribe", busy_timeout_ms=1000))
+    from datasource.db import connect
+    blocker = connect(settings.db)
+    try:
+        wait_for(lambda: cpa.queue.subscriber_count() == 1)
+        cpa.publish(event(0))
+        wait_for(lambda: event_count(settings.db) == 1)
+        blocker.execute("BEGIN IMMEDIATE")
+        for i in range(1, 4001):
+            assert cpa.publish(event(i)) == "published", f"dropped after {i - 1} events"
+            if i % 40 == 0:
+                time.sleep(0.025)  # paced like a busy CPA, not a tight loop
+        reader = svc.loops()[0].reader
+        assert reader is not None and reader.high_water >= 1000  # held in memory meanwhile
+        assert event_count(settings.db) == 1
+        blocker.execute("COMMIT")
+        wait_for(lambda: event_count(settings.db) == 4001, timeout=30)
+        assert cpa.queue.subscriber_count() == 1
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        svc.stop()
+        cpa.stop()
+    assert request_ids(settings.db) == [f"r{i:07d}" for i in range(4001)]
+    assert status(settings.db)["duplicates"] == 0
+    # a store episode if the stall outlasted the busy timeout on a slow machine; never a dropped subscription
+    assert [kind for kind, detail, _ in episodes(settings.db) if not detail.startswith("store: ")] == []
+
+
 class _SlowLink(threading.Thread):
     """A TCP hop in front of a real redis-server that hands the server's bytes on in `chunk`-byte
     pieces `pause_s` apart (a slow or congested link): pushes reach the client split mid-message."""
