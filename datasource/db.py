@@ -91,7 +91,7 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
         conn.pragma("synchronous", "NORMAL")
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
         if not conn.readonly("main"):  # SQLite opens a file it cannot write read-only, silently
-            _optimize(conn)
+            _optimize(conn, busy_timeout_ms)
     # Page cache: 32 MiB for the writer; 8 MiB per reader, since gunicorn gives each of its
     # threads a read connection (8 threads x 32 MiB pushed the service past 300 MB RSS).
     conn.pragma("cache_size", -(READER_CACHE_KIB if readonly else WRITER_CACHE_KIB))
@@ -112,13 +112,17 @@ def is_immutable(conn: apsw.Connection) -> bool:
     return bool(conn.open_flags & apsw.SQLITE_OPEN_URI)
 
 
-def _optimize(conn: apsw.Connection) -> None:
+def _optimize(conn: apsw.Connection, busy_timeout_ms: int) -> None:
     """PRAGMA optimize on opening a read-write connection (ANALYZE where statistics are stale,
-    bounded by SQLite's analysis limit); skipped when the database is busy, read-only or full."""
+    bounded by SQLite's analysis limit); skipped when the database is busy (after 100 ms, not the
+    whole busy timeout: an open must not wait seconds for statistics), read-only or full."""
+    conn.set_busy_timeout(min(100, busy_timeout_ms))
     try:
         conn.pragma("optimize", 0x10002)
     except (apsw.BusyError, apsw.ReadOnlyError, apsw.FullError, apsw.CantOpenError) as exc:
         logger.debug("PRAGMA optimize skipped: %s", exc)
+    finally:
+        conn.set_busy_timeout(busy_timeout_ms)
 
 
 # --- schema -----------------------------------------------------------------
