@@ -491,7 +491,129 @@ CREATE INDEX events_quota_account_ts ON events(account_key, ts_ms)
     WHERE quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL;
 """
 
-MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5]
+def _v6(conn: apsw.Connection) -> None:
+    """Step 6: 5-minute traffic and latency rollups, a latency family keyed by instance and
+    status only, hourly account latency and hourly account x model latency (datasource/rollup.py,
+    docs/performance.md). Backfilled from the events present (pruned days stay empty)."""
+    from datasource import rollup
+
+    conn.execute(_V6)
+    rollup.backfill(conn, rollup.STEP6_TABLES)
+
+
+_V6 = """
+CREATE TABLE rollup_traffic_5m (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    request_type TEXT NOT NULL, status_class TEXT NOT NULL, status_code INTEGER NOT NULL, failed INTEGER NOT
+    NULL, failure_type TEXT NOT NULL, cache_state TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, request_type, status_class, status_code,
+    failed, failure_type, cache_state)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_5m (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, provider TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, provider, analytics_model, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_total_5m (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_total_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_latency_total_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, failed)
+) WITHOUT ROWID;
+CREATE TABLE rollup_account_latency_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, provider TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, account_key, provider)
+) WITHOUT ROWID;
+CREATE TABLE rollup_account_model_latency_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, analytics_model TEXT NOT
+    NULL, provider TEXT NOT NULL, failed INTEGER NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT
+    NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT
+    NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER, latency_sketch BLOB,
+    ttft_sketch BLOB,
+    PRIMARY KEY (bucket_ms, instance, account_key, analytics_model, provider, failed)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -30,8 +30,10 @@ from datasource import filters, rollup, sketch
 from datasource.model import Clause
 from datasource.sketch import Sketch
 
+FIVE_MIN = rollup.FIVE_MIN_MS
 HOUR = rollup.HOUR_MS
 DAY = rollup.DAY_MS
+GRAIN_SUFFIX = {FIVE_MIN: "_5m", HOUR: "_hour", DAY: "_day"}
 RAW = ""  # Piece.table for raw events
 
 
@@ -59,16 +61,17 @@ def _families() -> tuple[Family, ...]:
     for spec in rollup.SPECS:
         by_dims.setdefault(spec.dims, {})[spec.grain_ms] = spec.table
         sketches[spec.dims] = spec.sketches
-    # Rows per bucket measured on the benchmark shape (docs/performance.md): latency <
-    # traffic < account latency (day) < account < api key (day).
-    order = ["rollup_latency_day", "rollup_traffic_day", "rollup_account_latency_day",
-             "rollup_account_day", "rollup_api_key_day"]
+    # Rows per bucket measured on the benchmark shape (docs/performance.md): latency total
+    # (instance x status) < latency < traffic < account latency < account x model latency
+    # < account < api key.
+    order = ["latency_total", "latency", "traffic", "account_latency", "account_model_latency", "account", "api_key"]
     out = []
     for dims, tables in by_dims.items():
-        name = tables.get(DAY, "")
+        name = next(iter(tables.values())).removeprefix("rollup_")
+        for suffix in GRAIN_SUFFIX.values():
+            name = name.removesuffix(suffix)
         rank = order.index(name) if name in order else len(order)
-        out.append(Family(name.removeprefix("rollup_").removesuffix("_day"), frozenset(dims), dict(tables),
-                          sketches[dims], rank))
+        out.append(Family(name, frozenset(dims), dict(tables), sketches[dims], rank))
     return tuple(sorted(out, key=lambda f: f.rank))
 
 
@@ -86,22 +89,22 @@ def _down(ms: int, grain: int) -> int:
 
 
 def split_range(from_ms: int, to_ms: int, tables: Mapping[int, str]) -> list[Piece]:
-    """[from, to) as raw head / whole hours / whole days / whole hours / raw tail (empty pieces dropped)."""
+    """[from, to) as raw head / 5 min / hours / whole days / hours / 5 min / raw tail, using the
+    grains `tables` has (each edge is cut by the next finer grain; empty pieces dropped)."""
+    grains = sorted(tables, reverse=True)
 
-    def hours(lo: int, hi: int) -> list[Piece]:
-        if HOUR in tables:
-            a, b = _up(lo, HOUR), _down(hi, HOUR)
-            if a < b:
-                return [Piece(RAW, lo, a), Piece(tables[HOUR], a, b), Piece(RAW, b, hi)]
-        return [Piece(RAW, lo, hi)]
+    def cut(lo: int, hi: int, level: int) -> list[Piece]:
+        if lo >= hi:
+            return []
+        if level == len(grains):
+            return [Piece(RAW, lo, hi)]
+        grain = grains[level]
+        a, b = _up(lo, grain), _down(hi, grain)
+        if a >= b:
+            return cut(lo, hi, level + 1)
+        return cut(lo, a, level + 1) + [Piece(tables[grain], a, b)] + cut(b, hi, level + 1)
 
-    pieces: list[Piece]
-    if DAY in tables and _up(from_ms, DAY) < _down(to_ms, DAY):
-        a, b = _up(from_ms, DAY), _down(to_ms, DAY)
-        pieces = hours(from_ms, a) + [Piece(tables[DAY], a, b)] + hours(b, to_ms)
-    else:
-        pieces = hours(from_ms, to_ms)
-    return [p for p in pieces if p.from_ms < p.to_ms]
+    return cut(from_ms, to_ms, 0)
 
 
 # --- filters ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Rollups: hourly and daily aggregates of events, kept exact by the store's dedup.
+"""Rollups: 5-minute, hourly and daily aggregates of events, kept exact by the store's dedup.
 
 Each rollup table is described by a `RollupSpec` (grain and dimension columns);
 every table carries the same measures: counts, token sums, cost (integer
@@ -14,7 +14,7 @@ retention has already (partly) pruned: rollups outlive raw rows.
 
 Dimension values are stored NOT NULL (a missing text becomes '', a missing
 status code 0) so that upserts find their row; readers map '' back to NULL.
-The table DDL lives in db.py (schema step 2); a test checks it matches SPECS.
+The table DDL lives in db.py (schema steps 2 and 6); a test checks it matches SPECS.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from datasource.sketch import Sketch
 
 logger = logging.getLogger(__name__)
 
+FIVE_MIN_MS = 300_000
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 MERGE_FUNCTION = "cpm_sketch_merge"
@@ -55,6 +56,8 @@ _ACCOUNT = ("instance", "account_key", "analytics_model", "provider", "status_cl
 _API_KEY = ("instance", "api_key_hash", "account_key", "analytics_model", "failed")
 _LATENCY = ("instance", "provider", "analytics_model", "failed")
 _ACCOUNT_LATENCY = ("instance", "account_key", "provider")
+_ACCOUNT_MODEL_LATENCY = ("instance", "account_key", "analytics_model", "provider", "failed")
+_LATENCY_TOTAL = ("instance", "failed")
 
 SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, False),
@@ -65,7 +68,22 @@ SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_latency_hour", HOUR_MS, _LATENCY, True),
     RollupSpec("rollup_latency_day", DAY_MS, _LATENCY, True),
     RollupSpec("rollup_account_latency_day", DAY_MS, _ACCOUNT_LATENCY, True),
+    # Schema step 6: 5-minute grains so that the 5-minute buckets a dashboard asks at 24 h
+    # (and raw edges under 5 minutes) come from rollups; a latency family with only instance
+    # and status (one or two sketches per bucket, so an unfiltered latency panel merges few
+    # blobs); hourly account latency (Account Overview p95 at 24 h) and account x model
+    # latency (percentiles filtered by account and model).
+    RollupSpec("rollup_traffic_5m", FIVE_MIN_MS, _TRAFFIC, False),
+    RollupSpec("rollup_latency_5m", FIVE_MIN_MS, _LATENCY, True),
+    RollupSpec("rollup_latency_total_5m", FIVE_MIN_MS, _LATENCY_TOTAL, True),
+    RollupSpec("rollup_latency_total_hour", HOUR_MS, _LATENCY_TOTAL, True),
+    RollupSpec("rollup_latency_total_day", DAY_MS, _LATENCY_TOTAL, True),
+    RollupSpec("rollup_account_latency_hour", HOUR_MS, _ACCOUNT_LATENCY, True),
+    RollupSpec("rollup_account_model_latency_hour", HOUR_MS, _ACCOUNT_MODEL_LATENCY, True),
 )
+# The tables each schema step created (db.py); a step's backfill fills only its own.
+STEP6_TABLES = ("rollup_traffic_5m", "rollup_latency_5m", "rollup_latency_total_5m", "rollup_latency_total_hour",
+                "rollup_latency_total_day", "rollup_account_latency_hour", "rollup_account_model_latency_hour")
 SPEC_BY_TABLE = {spec.table: spec for spec in SPECS}
 MAX_GRAIN_MS = max(spec.grain_ms for spec in SPECS)
 
@@ -175,7 +193,8 @@ def _sketch_blob(values: Iterable[Any]) -> bytes | None:
     return sk.to_bytes() if sk.count else None
 
 
-def upsert_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
+def upsert_params(rows: Sequence[Mapping[str, Any]],
+                  specs: Sequence[RollupSpec] = SPECS) -> dict[str, list[tuple[Any, ...]]]:
     """Per rollup table, one upsert parameter tuple per key: (bucket, dims, measures, times, sketches).
 
     Rows are grouped first and each group summed column-wise, which keeps the
@@ -183,15 +202,15 @@ def upsert_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[Any
     """
     measures = [_measures(row) for row in rows]
     stamps = [row["ts_ms"] for row in rows]
-    groups: dict[str, dict[tuple[Any, ...], list[int]]] = {spec.table: {} for spec in SPECS}
+    groups: dict[str, dict[tuple[Any, ...], list[int]]] = {spec.table: {} for spec in specs}
     for n, row in enumerate(rows):
         ts = stamps[n]
         dims = _dims(row)
-        for spec in SPECS:
+        for spec in specs:
             key = (ts - ts % spec.grain_ms,) + tuple(dims[d] for d in spec.dims)
             groups[spec.table].setdefault(key, []).append(n)
     out: dict[str, list[tuple[Any, ...]]] = {}
-    for spec in SPECS:
+    for spec in specs:
         params = []
         for key, members in groups[spec.table].items():
             if len(members) == 1:
@@ -221,7 +240,8 @@ def register_functions(conn: apsw.Connection) -> None:
         _registered[conn] = True
 
 
-def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]], specs: Sequence[RollupSpec] = SPECS, *,
+          aliases: bool = True) -> int:
     """Add newly inserted event rows to every rollup; call inside the insert transaction.
 
     Returns the number of rollup rows written (inserted or updated).
@@ -230,11 +250,31 @@ def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         return 0
     register_functions(conn)
     written = 0
-    for table, params in upsert_params(rows).items():
+    for table, params in upsert_params(rows, specs).items():
         conn.executemany(_UPSERT[table], params)
         written += len(params)
-    apply_aliases(conn, rows)
+    if aliases:
+        apply_aliases(conn, rows)
     return written
+
+
+def backfill(conn: apsw.Connection, tables: Sequence[str], *, chunk_ms: int = DAY_MS) -> int:
+    """Fill new, empty rollup tables from the events present (a schema step's backfill).
+
+    Runs in the caller's transaction; the days retention has pruned stay empty in these
+    tables (raw rows can no longer give them). Returns the number of events read.
+    """
+    specs = [SPEC_BY_TABLE[t] for t in tables]
+    lo, hi = conn.execute(SELECT_EVENT_SPAN).fetchone()
+    if lo is None:
+        return 0
+    total = 0
+    for start in range(_align_down(lo, chunk_ms), hi + 1, chunk_ms):
+        cursor = conn.execute(SELECT_EVENTS, (start, start + chunk_ms))
+        rows = [dict(zip(SOURCE_COLUMNS, values)) for values in cursor]
+        apply(conn, rows, specs, aliases=False)
+        total += len(rows)
+    return total
 
 
 def alias_params(rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str, str]]:

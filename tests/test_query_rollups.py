@@ -126,6 +126,14 @@ VARIANTS: list[tuple[str, dict[str, Any], int]] = [
     ("accounts", {"sort": "worst"}, HOUR),
     ("accounts", {"sort": "cost", "limit": 5}, HOUR),
     ("annotations", {"kind": "failure_spikes"}, HOUR),
+    # the steps Grafana asks at 24 h and 7 d: 5-minute rollups (1 minute reads raw events)
+    ("timeseries", {"measure": "requests", "split_by": "status_class"}, 5 * 60_000),
+    ("timeseries", {"measure": "latency_p99"}, 5 * 60_000),
+    ("timeseries", {"measure": "latency_p50"}, 60_000),
+    ("timeseries", {"measure": "failures", "split_by": "status_code"}, 10 * 60_000),
+    ("timeseries", {"measure": "success_rate"}, 15 * 60_000),
+    ("timeseries", {"measure": "ttft_p95", "split_by": "model", "top": 2}, 30 * 60_000),
+    ("annotations", {"kind": "failure_spikes"}, 5 * 60_000),
 ]
 ACCOUNT_MEASURES = ("account_key", "requests", "failures", "success_rate", "total_tokens", "est_cost_usd",
                     "avg_latency_ms", "p95_latency_ms", "last_seen")
@@ -219,12 +227,53 @@ def test_alias_resolution_is_exact_or_refused(db, filters):
     assert query_plan.resolve_alias(db, c) == []
 
 
-def test_step_not_a_multiple_of_an_hour_reads_raw(db):
+def test_step_not_a_multiple_of_five_minutes_reads_raw(db):
     lo, hi = RANGES["2.5d"]
-    assert not query_plan.plan(db, (), lo, hi, step=5 * 60_000).uses_rollups
-    assert query_plan.plan(db, (), lo, hi, step=2 * HOUR).uses_rollups
-    # a 90-minute step would straddle hour buckets: raw
-    assert not query_plan.plan(db, (), lo, hi, step=90 * 60_000).uses_rollups
+    assert not query_plan.plan(db, (), lo, hi, step=2 * 60_000).uses_rollups
+    assert not query_plan.plan(db, (), lo, hi, step=7 * 60_000).uses_rollups
+    for step in (5 * 60_000, 90 * 60_000):  # 5-minute buckets fit; an hour bucket would straddle
+        assert {p.table for p in query_plan.plan(db, (), lo, hi, step=step).pieces} == {"", "rollup_latency_total_5m"}
+    assert "rollup_latency_total_day" in {p.table for p in query_plan.plan(db, (), lo, hi, step=DAY).pieces}
+
+
+def test_split_range_with_five_minute_grain():
+    tables = {5 * 60_000: "m", HOUR: "h", DAY: "d"}
+    lo, hi = MIDNIGHT - HOUR - 7 * 60_000 - 3, MIDNIGHT + 2 * DAY + 12 * 60_000 + 9
+    pieces = [(p.table, p.from_ms, p.to_ms) for p in query_plan.split_range(lo, hi, tables)]
+    assert pieces == [
+        ("", lo, MIDNIGHT - HOUR - 5 * 60_000),  # raw edges under 5 minutes
+        ("m", MIDNIGHT - HOUR - 5 * 60_000, MIDNIGHT - HOUR),
+        ("h", MIDNIGHT - HOUR, MIDNIGHT),
+        ("d", MIDNIGHT, MIDNIGHT + 2 * DAY),
+        ("m", MIDNIGHT + 2 * DAY, MIDNIGHT + 2 * DAY + 10 * 60_000),
+        ("", MIDNIGHT + 2 * DAY + 10 * 60_000, hi),
+    ]
+    # an hour-only family: 1 h edges raw
+    assert [p.table for p in query_plan.split_range(lo, hi, {HOUR: "h"})] == ["", "h", ""]
+
+
+def _tables(db, clauses, lo, hi, dims=(), **kw) -> set[str]:
+    return {p.table for p in query_plan.plan(db, clauses, lo, hi, dims, **kw).pieces} - {""}
+
+
+def test_families_chosen_for_the_monitoring_panels(db, filters):
+    lo, hi = RANGES["30h-midnight"]
+    acct_model = clauses_from_payload(filters["account+model"])
+    model = clauses_from_payload(filters["model"])
+    five = 5 * 60_000
+    # unfiltered percentiles: the instance x status sketches; a model filter: per-model sketches
+    assert _tables(db, (), lo, hi, sketches=True, step=five) == {"rollup_latency_total_5m"}
+    assert _tables(db, model, lo, hi, sketches=True, step=five) == {"rollup_latency_5m"}
+    assert _tables(db, (), lo, hi, sketches=True) == {
+        "rollup_latency_total_5m", "rollup_latency_total_hour"}
+    # account + model percentiles (summary p95) and Account Overview p95 at 24 h: hourly sketches
+    assert _tables(db, acct_model, lo, hi, sketches=True) == {"rollup_account_model_latency_hour"}
+    assert _tables(db, (), lo, hi, ("instance", "account_key"), sketches=True) == {"rollup_account_latency_hour"}
+    # sums: the narrowest family (instance x status) with 5-minute edges; by status class: traffic
+    assert _tables(db, (), lo, hi) == {"rollup_latency_total_5m", "rollup_latency_total_hour"}
+    assert _tables(db, (), lo, hi, ("status_class",), step=five) == {"rollup_traffic_5m"}
+    assert _tables(db, acct_model, lo, hi) == {"rollup_account_model_latency_hour"}
+    assert _tables(db, acct_model, lo, hi, ("status_class",)) == {"rollup_account_hour"}
 
 
 def test_pruned_days_answer_from_rollups(tmp_path, traffic):
@@ -240,18 +289,18 @@ def test_pruned_days_answer_from_rollups(tmp_path, traffic):
     for target, payload, interval in VARIANTS:
         for rng in ((lo, hi), wide):
             spec = _spec(target, payload, (), rng, interval)
-            before[(target, str(payload), rng)] = query.execute(conn, spec, rollups=False)
+            before[(target, str(payload), interval, rng)] = query.execute(conn, spec, rollups=False)
     assert store.prune(conn, MIDNIGHT + DAY) > 0  # everything up to the end of that day
     assert _pick(conn, f"SELECT count(*) FROM events WHERE ts_ms < {MIDNIGHT + DAY}") == 0
     for target, payload, interval in VARIANTS:
         for rng in ((lo, hi), wide):
             if target == "annotations" and rng == (lo, hi):
                 continue  # the spike baseline reads 6 buckets before the window: raw hours, pruned
-            if target in ("timeseries", "annotations") and interval % HOUR:
-                continue  # sub-hour buckets are read from raw events only
+            if target in ("timeseries", "annotations") and interval % (5 * 60_000):
+                continue  # buckets under 5 minutes are read from raw events only
             spec = _spec(target, payload, (), rng, interval)
             got = query.execute(conn, spec)
-            want = before[(target, str(payload), rng)]
+            want = before[(target, str(payload), interval, rng)]
             for fw, fg in zip(want, got):
                 for a, b in zip(fw.fields, fg.fields):
                     approx = _approx_field(target, payload, a.name)
@@ -328,7 +377,7 @@ def test_identical_concurrent_requests_share_one_computation(db, monkeypatch):
 @pytest.mark.parametrize("pct", [1, 50, 95, 99, 100])
 def test_sql_percentile_series_equals_nearest_rank_by_hand(db, pct):
     lo, hi = RANGES["30h-midnight"]
-    step = 20 * 60_000
+    step = 4 * 60_000  # not a multiple of 5 minutes: the whole window reads raw events
     reader = query_plan.Reader(db, ())
     got = reader.exact_series("latency_ms", lo, hi, step, pct)
     by_bucket: dict[int, list[int]] = {}
@@ -345,7 +394,7 @@ def test_memo_never_serves_stale_data_after_a_write(tmp_path, traffic):
     ingestor = Ingestor(conn, "default")
     events = list(traffic.events(600, START, START + 6 * HOUR))
     ingestor.usage(events[:300])
-    spec = _spec("timeseries", {"measure": "latency_p95"}, (), (START, START + 6 * HOUR), 20 * 60_000)
+    spec = _spec("timeseries", {"measure": "latency_p95"}, (), (START, START + 6 * HOUR), 4 * 60_000)
     before = query.execute(conn, spec)[0].fields[1].values
     assert query.execute(conn, spec)[0].fields[1].values == before
     ingestor.usage(events[300:])

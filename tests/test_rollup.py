@@ -11,6 +11,7 @@ import pytest
 from datasource import rollup, store
 from datasource.model import Normalized
 from datasource.sketch import Sketch, SketchError
+from datasource.sketch import bucket_index as sketch_index
 
 T0 = 1_778_000_400_000  # 2026-05-05T17:00:00Z, an hour boundary
 HOUR = rollup.HOUR_MS
@@ -229,3 +230,43 @@ def test_merge_function_is_registered_once_per_connection(db_path, conn):
     other = apsw.Connection(db_path)
     with pytest.raises(apsw.SQLError):
         other.execute("SELECT cpm_sketch_merge(NULL, NULL)").get
+
+
+def test_hand_computed_five_minutes(conn):
+    common = {"provider": "codex", "analytics_model": "gpt-5.4", "account_key": "acct-a", "status_code": 200,
+              "total_tokens": 10}
+    events = [
+        make_event(1, T0 + 1_000, latency_ms=100, **common),
+        make_event(2, T0 + 299_999, latency_ms=300, **common),  # the last millisecond of the bucket
+        make_event(3, T0 + 300_000, latency_ms=50, failed=1, status_class="5xx",  # the next bucket
+                   **{**common, "status_code": 503}),
+    ]
+    store.insert_batch(conn, events, origin="test")
+    rows = conn.execute("SELECT bucket_ms, status_code, requests, failures, total_tokens, latency_sum_ms, first_ms, "
+                        "last_ms, last_failure_ms FROM rollup_traffic_5m ORDER BY bucket_ms").fetchall()
+    assert rows == [(T0, 200, 2, 0, 20, 400, T0 + 1_000, T0 + 299_999, None),
+                    (T0 + 300_000, 503, 1, 1, 10, 50, T0 + 300_000, T0 + 300_000, T0 + 300_000)]
+    totals = conn.execute("SELECT bucket_ms, instance, failed, requests, latency_sketch "
+                          "FROM rollup_latency_total_5m ORDER BY bucket_ms").fetchall()
+    assert [r[:4] for r in totals] == [(T0, "default", 0, 2), (T0 + 300_000, "default", 1, 1)]
+    assert Sketch.from_bytes(totals[0][4]) == Sketch({sketch_index(100): 1, sketch_index(300): 1})
+    hours = conn.execute("SELECT account_key, analytics_model, failed, requests FROM "
+                         "rollup_account_model_latency_hour ORDER BY failed").fetchall()
+    assert hours == [("acct-a", "gpt-5.4", 0, 2), ("acct-a", "gpt-5.4", 1, 1)]
+    assert conn.execute("SELECT bucket_ms, requests FROM rollup_account_latency_hour").fetchall() == [(T0, 3)]
+
+
+def test_step_6_backfills_its_tables_from_the_events_present(conn):
+    """A database at schema 5 with events: step 6 fills its new tables exactly as inserts would."""
+    from datasource.db import SCHEMA_VERSION, migrate
+
+    insert(conn, random_events(1500, seed=9))
+    incremental = snapshot(conn)
+    with conn:
+        for table in rollup.STEP6_TABLES:
+            conn.execute(f"DROP TABLE {table}")
+        conn.pragma("user_version", 5)
+    assert migrate(conn) == SCHEMA_VERSION
+    assert snapshot(conn) == incremental
+    assert_matches_raw(conn)
+    assert conn.execute("SELECT sum(requests) FROM rollup_latency_total_day").get == 1500
