@@ -39,7 +39,8 @@ class Settings:
     pop_side: str = _opt("right", "pop command for resp mode: right (RPOP) | left (LPOP)")
     batch_size: int = _opt(500, "events popped per request (resp/http) and inserted per transaction")
     normalize_workers: int = _opt(
-        0, "collector: processes that normalize half of each batch beside the collector thread (0: none, 1: two cores)"
+        0, "collector: 1 = a worker process normalizes the next popped batch while the collector thread stores "
+        "the current one (two cores; up to two popped batches in memory); 0: none"
     )
     poll_interval_ms: int = _opt(500, "wait after an empty pop; must be shorter than CPA's queue retention")
     auth_files_ttl_s: int = _opt(30, "how long CPA's auth-file list is cached for account enrichment")

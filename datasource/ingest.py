@@ -15,7 +15,7 @@ from datasource import store, store_status
 from datasource.store import Connection
 from datasource.accounts import AccountDirectory, parse_credential_error
 from datasource.model import Control, InsertResult, Normalized, Rejected
-from datasource.parallel import NormalizePool
+from datasource.parallel import NormalizePool, Pending
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,20 @@ class Ingestor:
 
     def usage(self, raws: Sequence[bytes]) -> InsertResult:
         """Normalize and store one batch (control payloads act, blank items are skipped)."""
+        return self._store(self.normalizer.normalize_all([raw for raw in raws if raw and raw.strip()]))
+
+    def prepare(self, raws: Sequence[bytes]) -> Pending:
+        """Hand one popped batch to the normalize worker (if any) and return at once; store it
+        with `usage_prepared` (the pipelined collector stores the previous batch meanwhile)."""
+        return self.normalizer.submit([raw for raw in raws if raw and raw.strip()])
+
+    def usage_prepared(self, pending: Pending) -> InsertResult:
+        """Store a prepared batch, as `usage` would (the normalized items are kept for a retry)."""
+        return self._store(pending.result())
+
+    def _store(self, outcomes: Sequence[Normalized | Control | Rejected]) -> InsertResult:
         items: list[Normalized | Rejected] = []
-        for out in self.normalizer.normalize_all([raw for raw in raws if raw and raw.strip()]):
+        for out in outcomes:
             if isinstance(out, Control):
                 self._control(out)
             else:

@@ -36,6 +36,10 @@ class _Invalid(ValueError):
     """A decoded value that cannot become an event; the message is the Rejected reason."""
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | None = None,
               now_ms: int | None = None) -> Normalized | Control | Rejected:
     """Decode one raw queue item and normalize it. Never raises."""
@@ -47,13 +51,19 @@ def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | N
     except UnicodeDecodeError as exc:
         return Rejected(f"payload is not valid UTF-8 (byte {exc.start})", payload)
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads says it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
     except RecursionError:
         return Rejected("payload JSON is nested too deeply", payload)
     except ValueError as exc:
         return Rejected(f"payload is not valid JSON: {str(exc)[:200]}", payload)
     return normalize_obj(obj, payload, instance=instance, pricer=pricer, now_ms=now_ms,
                          _plain=plain_json_text(text))
+
+
+# One decoder for every item: json.loads(text, parse_constant=...) builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def plain_json_text(text: str) -> bool:
@@ -97,10 +107,6 @@ def normalize_obj(obj: object, raw: bytes, *, instance: str = "default", pricer:
     except Exception as exc:  # never raise on input: an unforeseen shape becomes a dead letter
         logger.exception("normalize failed on an unexpected payload shape")
         return Rejected(f"payload could not be normalized ({type(exc).__name__})", raw)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _json_type(obj: object) -> str:

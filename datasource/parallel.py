@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Sequence
 
 from datasource.model import Control, Normalized, Rejected
@@ -71,6 +71,19 @@ class NormalizePool:
             head = _normalize_chunk(head_raws, self.instance)
         return head + tail
 
+    def submit(self, raws: Sequence[bytes]) -> "Pending":
+        """Start normalizing a whole batch in the worker and return at once (the pipelined collector:
+        the caller stores the previous batch meanwhile). Without a worker, or for a small batch,
+        the items are normalized when `Pending.result()` is called."""
+        items = [bytes(r) for r in raws]
+        future = None
+        if self.workers and len(items) >= MIN_PARALLEL:
+            try:
+                future = self._executor().submit(_normalize_chunk, items, self.instance)
+            except Exception as exc:  # a broken or shut-down pool: normalized here on result()
+                self._failed(exc)
+        return Pending(self, items, future)
+
     def _failed(self, exc: Exception) -> None:
         self.fallbacks += 1
         logger.warning("%s: normalize worker failed (%s: %s); normalizing here, restarting the worker",
@@ -81,3 +94,29 @@ class NormalizePool:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
+
+
+class Pending:
+    """A batch handed to `NormalizePool.submit`; `result()` gives every item normalized, in input
+    order, once (later calls return the same list). A worker failure is redone in the caller."""
+
+    def __init__(self, pool: NormalizePool, raws: list[bytes], future: Future | None) -> None:
+        self.pool = pool
+        self.raws = raws
+        self._future = future
+        self._result: list[Outcome] | None = None
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def result(self) -> list[Outcome]:
+        if self._result is None:
+            out: list[Outcome] | None = None
+            if self._future is not None:
+                try:
+                    out = self._future.result()
+                except Exception as exc:
+                    self.pool._failed(exc)
+                self._future = None
+            self._result = out if out is not None else _normalize_chunk(self.raws, self.pool.instance)
+        return self._result

@@ -23,6 +23,7 @@ from datasource.config import Settings
 from datasource.db import open_database
 from datasource.ingest import Ingestor
 from datasource.model import InsertResult, Rejected
+from datasource.parallel import Pending
 from datasource.sources import (ERRORS, USAGE, AuthError, BadReply, HttpManagement, Message, RespConnection,
                                 RespSubscriber, SourceError, Unsupported)
 from datasource.store_status import StatusRow
@@ -336,6 +337,46 @@ class UpstreamLoop:
         self.record(self.store_held(lambda: ingestor.usage(raws), len(raws)), len(raws))
         return len(raws)
 
+    def pump(self, pop: Callable[[], list[bytes]], *, drain: bool) -> int:
+        """Pop and store batches until an empty pop (drain: a short one) or stop; returns the items.
+
+        With a normalize worker (CPA_MONITOR_NORMALIZE_WORKERS >= 1) the loop is pipelined: batch
+        N+1 is popped and handed to the worker before batch N is stored, so the worker normalizes
+        while this thread writes, and up to two popped batches are in memory (docs/collector.md).
+        Each batch is still stored whole, in pop order, in one transaction; the batch in hand is
+        stored before returning, whatever ends the loop (stop, an empty pop, a pop that raised).
+        """
+        ingestor = self.ingestor
+        assert ingestor is not None
+        total = 0
+        if not self.settings.normalize_workers:
+            while not self.stop.is_set():
+                got = self.consume(pop())
+                total += got
+                if got == 0 or (drain and got < self.settings.batch_size):
+                    break
+            return total
+        pending: tuple[Pending, int] | None = None
+        try:
+            while not self.stop.is_set():
+                raws = pop()
+                ahead = (ingestor.prepare(raws), len(raws)) if raws else None  # the worker starts on it now
+                if pending is not None:
+                    self.store_pending(*pending)
+                pending = ahead
+                total += len(raws)
+                if not raws or (drain and len(raws) < self.settings.batch_size):
+                    break
+        finally:
+            if pending is not None:
+                self.store_pending(*pending)
+        return total
+
+    def store_pending(self, prepared: Pending, popped: int) -> None:
+        ingestor = self.ingestor
+        assert ingestor is not None
+        self.record(self.store_held(lambda: ingestor.usage_prepared(prepared), popped), popped)
+
     def store_held(self, write: Callable[[], InsertResult], held: int) -> InsertResult:
         """Run `write` (one batch transaction) until it commits. CPA's pops are destructive, so
         a popped batch that the store refuses (disk full, read-only, locked past the busy
@@ -398,8 +439,8 @@ class UpstreamLoop:
         try:
             self.connected()
             while not self.stop.is_set():
-                if self.consume(popper.pop(self.settings.batch_size, self.settings.pop_side)) == 0:
-                    self.stop.wait(self.settings.poll_interval_ms / 1000)
+                self.pump(lambda: popper.pop(self.settings.batch_size, self.settings.pop_side), drain=False)
+                self.stop.wait(self.settings.poll_interval_ms / 1000)  # the queue was empty
         finally:
             popper.close()
 
@@ -413,13 +454,7 @@ class UpstreamLoop:
                 self.stop.wait(self.settings.poll_interval_ms / 1000)
 
     def drain(self, popper: RespConnection) -> int:
-        total = 0
-        while not self.stop.is_set():
-            got = self.consume(popper.pop(self.settings.batch_size, self.settings.pop_side))
-            total += got
-            if got < self.settings.batch_size:
-                break
-        return total
+        return self.pump(lambda: popper.pop(self.settings.batch_size, self.settings.pop_side), drain=True)
 
     def subscribe_session(self) -> None:
         t = self.timing

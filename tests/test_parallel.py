@@ -84,3 +84,69 @@ def test_bad_arguments_are_refused():
         NormalizePool(-1)
     with pytest.raises(ValueError):
         NormalizePool(1, share=1.0)
+
+
+def _loop(settings, workers: int, batch: int):
+    import threading
+    from dataclasses import replace
+
+    from datasource.db import open_database
+    from datasource.ingest import Ingestor
+    from datasource.upstream import UpstreamLoop
+
+    s = replace(settings, normalize_workers=workers, batch_size=batch, cpa_url="http://127.0.0.1:1",
+                cpa_management_key="k")
+    loop = UpstreamLoop(s, "default", s.cpa_url, threading.Event())
+    loop.conn = open_database(s.db)
+    loop.ingestor = Ingestor(loop.conn, "default", normalize_workers=workers)
+    return loop
+
+
+def _events(lo: int, hi: int) -> list[bytes]:
+    return [json.dumps({"timestamp": NOW_MS + i, "model": "gpt-5.4", "request_id": f"r{i:04d}",
+                        "tokens": {"input_tokens": i}}).encode() for i in range(lo, hi)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order(settings, workers):
+    loop = _loop(settings, workers, batch=100)
+    batches = [_events(0, 100), _events(100, 200), _events(200, 250), []]
+    stored_at_pop: list[int] = []
+
+    def pop() -> list[bytes]:
+        stored_at_pop.append(loop.conn.execute("SELECT count(*) FROM events").get)
+        return batches.pop(0)
+
+    try:
+        assert loop.pump(pop, drain=False) == 250
+        # with a worker the next batch is popped (and normalized meanwhile) before the previous one
+        # is stored: at most two batches in memory; without one, each pop follows the commit
+        assert stored_at_pop == ([0, 0, 100, 200] if workers else [0, 100, 200, 250])
+        ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
+        assert ids == [f"r{i:04d}" for i in range(250)]
+        assert (loop.status.inserted, loop.status.duplicates) == (250, 0)
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
+
+
+def test_pump_stores_the_batch_in_hand_when_a_pop_fails_and_drain_stops_at_a_short_pop(settings):
+    loop = _loop(settings, 1, batch=100)
+    batches = [_events(0, 100), _events(100, 200)]
+
+    def pop() -> list[bytes]:
+        if not batches:
+            raise ConnectionError("connection reset")
+        return batches.pop(0)
+
+    try:
+        with pytest.raises(ConnectionError):
+            loop.pump(pop, drain=False)
+        assert loop.conn.execute("SELECT count(*), sum(input_tokens) FROM events").fetchone() == (200, 19900)
+        batches[:] = [_events(200, 300), _events(300, 340), _events(340, 400)]
+        assert loop.pump(pop, drain=True) == 140  # stops after the short pop of 40
+        assert loop.conn.execute("SELECT count(*) FROM events").get == 340
+        assert len(batches) == 1
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
