@@ -161,6 +161,17 @@ def interval_ms(from_ms: int, to_ms: int, max_data_points: int) -> int:
     return next((step for step in INTERVALS_MS if step >= raw), INTERVALS_MS[-1])
 
 
+def parse_interval(text: str | None) -> int:
+    """A panel's min interval ("30s", "5m", "1h", "1d") in ms; 0 when unset."""
+    if not text:
+        return 0
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    found = re.fullmatch(r"(\d+)(ms|s|m|h|d)", text.strip())
+    if not found:
+        raise ValueError(f"not an interval: {text!r}")
+    return int(found.group(1)) * units[found.group(2)]
+
+
 def parse_payload(payload: Any, state: State, builtins: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """simpod processPayload: (payload object, JSON error or None). Code mode: json format + JSON.parse."""
     if isinstance(payload, str):
@@ -205,8 +216,8 @@ def query_body(dash: dict[str, Any], panel: dict[str, Any], state: State,
                errors: list[str] | None = None) -> dict[str, Any]:
     """The /query body for one panel, as the plugin posts it."""
     errs = errors if errors is not None else []
-    max_points = panel["gridPos"]["w"] * 80
-    step = interval_ms(state.from_ms, state.to_ms, max_points)
+    max_points = panel.get("maxDataPoints") or panel["gridPos"]["w"] * 80  # the query option, else the width
+    step = max(interval_ms(state.from_ms, state.to_ms, max_points), parse_interval(panel.get("interval")))
     builtins = _builtins(state, step)
     targets = [_target(t, state, builtins, errs) for t in panel.get("targets", []) if not t.get("hide")]
     body = {

@@ -354,3 +354,19 @@ def test_drill_down_targets():
     assert targets["Failures by status code|/^(401|402|403|429)$/"] == {"cpa-account-action-queue"}
     assert targets["Realtime Requests|trace_id"] == {"cpa-monitoring"}
     assert targets["Realtime Requests|request_id"] == {"cpa-monitoring"}
+
+
+@pytest.mark.parametrize("hours, step_ms", [(1, 15_000), (24, 300_000), (7 * 24, 3_600_000), (30 * 24, 10_800_000)])
+def test_time_series_ask_five_minute_buckets_at_24_hours(hours, step_ms):
+    """Every time series asks at most 288 points, so a day is 5-minute buckets (served by rollups)
+    whatever the panel's width; the datasource's bucket is the interval Grafana sends."""
+    from datasource.query_series import bucket_step
+
+    for dash in dashboards().values():
+        state = sim.state_from_dashboard(dash, T1 - hours * 3_600_000, T1)
+        for panel in panels(dash):
+            if panel["type"] != "timeseries":
+                continue
+            body = sim.query_body(dash, panel, state)
+            assert (body["intervalMs"], body["maxDataPoints"]) == (step_ms, 288), panel["title"]
+            assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == step_ms
