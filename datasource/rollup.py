@@ -22,12 +22,12 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Iterable, Mapping, Sequence
 
 import apsw
 
 from datasource import sketch
-from datasource.sketch import Sketch
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +187,40 @@ def _dims(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sketch_blob(values: Iterable[Any]) -> bytes | None:
-    sk = Sketch()
-    sk.extend(values)
-    return sk.to_bytes() if sk.count else None
+def _sample_bucket(value: Any) -> int | None:
+    """The sketch bucket of one latency/TTFT value (as Sketch.add); None when it is not a sample."""
+    if value is None or value <= 0:
+        return None
+    return sketch.bucket_index(value)
+
+
+def _sketch_blob(buckets: Iterable[int | None]) -> bytes | None:
+    """The serialized sketch of some samples, given as their bucket indexes (None: no sample)."""
+    bins: dict[int, int] = {}
+    for i in buckets:
+        if i is not None:
+            bins[i] = bins.get(i, 0) + 1
+    return sketch.encode(bins) if bins else None
+
+
+_ONE_SAMPLE: dict[int | None, bytes | None] = {None: None}  # single-sample blobs by bucket (a few hundred)
+
+
+def _one_sample_blob(bucket: int | None) -> bytes | None:
+    blob = _ONE_SAMPLE.get(bucket, b"")
+    if blob == b"":
+        blob = sketch.encode({bucket: 1})  # type: ignore[dict-key]
+        if len(_ONE_SAMPLE) < 4096:
+            _ONE_SAMPLE[bucket] = blob
+    return blob
+
+
+def _key_getter(dims: tuple[str, ...]) -> Any:
+    get = itemgetter(*dims)
+    return get if len(dims) > 1 else (lambda d: (get(d),))
+
+
+_KEY_GETTERS: dict[tuple[str, ...], Any] = {}
 
 
 def upsert_params(rows: Sequence[Mapping[str, Any]],
@@ -198,31 +228,51 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
     """Per rollup table, one upsert parameter tuple per key: (bucket, dims, measures, times, sketches).
 
     Rows are grouped first and each group summed column-wise, which keeps the
-    per-row Python work to one key per table.
+    per-row Python work to one key per table (its dimensions picked by a C-level
+    itemgetter); each row's latency and TTFT sketch buckets are computed once for
+    all sketch tables, and a key holding a single row reuses that row's measures.
     """
     measures = [_measures(row) for row in rows]
     stamps = [row["ts_ms"] for row in rows]
-    groups: dict[str, dict[tuple[Any, ...], list[int]]] = {spec.table: {} for spec in specs}
+    plan = []
+    for spec in specs:
+        getter = _KEY_GETTERS.get(spec.dims)
+        if getter is None:
+            getter = _KEY_GETTERS[spec.dims] = _key_getter(spec.dims)
+        plan.append((spec.grain_ms, getter, {}))
     for n, row in enumerate(rows):
         ts = stamps[n]
         dims = _dims(row)
-        for spec in specs:
-            key = (ts - ts % spec.grain_ms,) + tuple(dims[d] for d in spec.dims)
-            groups[spec.table].setdefault(key, []).append(n)
-    out: dict[str, list[tuple[Any, ...]]] = {}
-    for spec in specs:
-        params = []
-        for key, members in groups[spec.table].items():
-            if len(members) == 1:
-                sums: tuple[Any, ...] = measures[members[0]]
+        for grain, getter, groups in plan:
+            key = (ts - ts % grain,) + getter(dims)
+            members = groups.get(key)
+            if members is None:
+                groups[key] = [n]
             else:
-                sums = tuple(map(sum, zip(*(measures[n] for n in members))))
+                members.append(n)
+    buckets: list[tuple[int | None, int | None]] | None = None
+    if any(spec.sketches for spec in specs):
+        buckets = [(_sample_bucket(row.get("latency_ms")), _sample_bucket(row.get("ttft_ms"))) for row in rows]
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for spec, (_, _, groups) in zip(specs, plan):
+        params = []
+        for key, members in groups.items():
+            if len(members) == 1:
+                n = members[0]
+                ts = stamps[n]
+                param = key + measures[n] + (ts, ts, ts if measures[n][2] else None)
+                if buckets is not None and spec.sketches:
+                    lat, ttft = buckets[n]
+                    param += (_one_sample_blob(lat), _one_sample_blob(ttft))
+                params.append(param)
+                continue
+            sums = tuple(map(sum, zip(*(measures[n] for n in members))))
             times = [stamps[n] for n in members]
             failed = [stamps[n] for n in members if measures[n][2]]
             param = key + sums + (min(times), max(times), max(failed) if failed else None)
-            if spec.sketches:
-                param += (_sketch_blob(rows[n].get("latency_ms") for n in members),
-                          _sketch_blob(rows[n].get("ttft_ms") for n in members))
+            if buckets is not None and spec.sketches:
+                param += (_sketch_blob(buckets[n][0] for n in members),
+                          _sketch_blob(buckets[n][1] for n in members))
             params.append(param)
         out[spec.table] = params
     return out

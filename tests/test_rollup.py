@@ -270,3 +270,31 @@ def test_step_6_backfills_its_tables_from_the_events_present(conn):
     assert snapshot(conn) == incremental
     assert_matches_raw(conn)
     assert conn.execute("SELECT sum(requests) FROM rollup_latency_total_day").get == 1500
+
+
+def test_upsert_params_single_and_grouped_keys_by_hand():
+    base = {"instance": "default", "provider": "codex", "analytics_model": "m", "failed": 0,
+            "status_class": "success", "input_tokens": 0}
+    hour = 3_600_000
+    rows = [
+        {**base, "ts_ms": 10 * hour + 5, "latency_ms": 100, "ttft_ms": 0, "input_tokens": 3},
+        {**base, "ts_ms": 10 * hour + 9, "latency_ms": 250, "ttft_ms": None, "input_tokens": 4,
+         "failed": 1, "status_class": "client_error"},
+        {**base, "ts_ms": 11 * hour, "latency_ms": -1, "ttft_ms": 40, "analytics_model": "other"},
+        {**base, "ts_ms": 10 * hour + 20, "latency_ms": 100, "ttft_ms": 7, "input_tokens": 5},
+    ]
+    spec = rollup.SPEC_BY_TABLE["rollup_latency_hour"]  # key: instance, provider, analytics_model, failed
+    params = rollup.upsert_params(rows, [spec])["rollup_latency_hour"]
+    n = len(rollup.MEASURES)
+    by_key = {p[:5]: p for p in params}
+    assert len(params) == 3
+    pair = by_key[(10 * hour, "default", "codex", "m", 0)]  # rows 0 and 3
+    assert pair[5:9] == (2, 2, 0, 0) and pair[9] == 3 + 5  # requests, successes, failures, unusual, input
+    assert pair[5 + n:] == (10 * hour + 5, 10 * hour + 20, None, Sketch({sketch_index(100): 2}).to_bytes(),
+                            Sketch({sketch_index(7): 1}).to_bytes())  # TTFT 0 is not a sample
+    failed = by_key[(10 * hour, "default", "codex", "m", 1)]
+    assert failed[5:9] == (1, 0, 1, 0)
+    assert failed[5 + n:] == (10 * hour + 9, 10 * hour + 9, 10 * hour + 9,
+                              Sketch({sketch_index(250): 1}).to_bytes(), None)
+    lone = by_key[(11 * hour, "default", "codex", "other", 0)]  # latency -1 is not a sample
+    assert lone[5 + n:] == (11 * hour, 11 * hour, None, None, Sketch({sketch_index(40): 1}).to_bytes())
