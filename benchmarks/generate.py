@@ -104,12 +104,13 @@ def _apply_rollups(conn, rows: list) -> None:  # type: ignore[no-untyped-def]
     rows.clear()
 
 
-def load(db_path: str, raws: Iterable[bytes], *, batch: int = 500, workers: int = 1,
+def load(db_path: str, raws: Iterable[bytes], *, batch: int = 500, workers: int = 0,
          progress_every: int = 0, rollup_every: int = 0, cache_mib: int = 0) -> StageTimes:
     """Normalize and store `raws` through store.insert_batch; returns the stage times.
 
-    With workers > 1, normalization runs in a process pool (dataset building
-    only; the collector normalizes in its own thread). With rollup_every > 0 the
+    With workers >= 1, normalization runs in a pool of that many processes, ahead of the
+    inserts (dataset building; this process generates payloads and stores); with 0 it runs
+    here, one stage after the other (bench_ingest --stages times the stages that way). With rollup_every > 0 the
     rollups are applied once per that many stored events (in their own transaction)
     instead of once per batch: the same rollup.apply on the same rows, so the same
     rollup rows, with far fewer upserts and sketch merges. cache_mib > 0 sets the
@@ -119,7 +120,7 @@ def load(db_path: str, raws: Iterable[bytes], *, batch: int = 500, workers: int 
     conn = open_database(db_path)
     if cache_mib > 0:
         conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")
-    pool = Pool(workers) if workers > 1 else None
+    pool = Pool(workers) if workers >= 1 else None
     pending: list | None = [] if rollup_every > 0 else None
     start = time.perf_counter()
     try:
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="SQLite database to create (must not exist)")
     parser.add_argument("--jsonl", help="JSON Lines file of raw CPA payloads to write")
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--workers", type=int, default=1, help="normalize in N processes (dataset building)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="normalize in N processes ahead of the inserts (0: in this process)")
     parser.add_argument("--rollup-every", type=int, default=0,
                         help="apply rollups once per N stored events instead of per batch (same rollup rows)")
     parser.add_argument("--cache-mib", type=int, default=0, help="page cache of the building connection")
