@@ -613,7 +613,46 @@ CREATE TABLE rollup_account_model_latency_hour (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6]
+
+def _v7(conn: apsw.Connection) -> None:
+    """Step 7: accounts by failure type, hourly and daily (Account Overview's top failure type
+    without reading a window's failed events). Backfilled from the events present."""
+    from datasource import rollup
+
+    conn.execute(_V7)
+    rollup.backfill(conn, rollup.STEP7_TABLES)
+
+
+_V7 = """
+CREATE TABLE rollup_account_failure_hour (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, provider TEXT NOT NULL,
+    failed INTEGER NOT NULL, failure_type TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
+    PRIMARY KEY (bucket_ms, instance, account_key, provider, failed, failure_type)
+) WITHOUT ROWID;
+CREATE TABLE rollup_account_failure_day (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, provider TEXT NOT NULL,
+    failed INTEGER NOT NULL, failure_type TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
+    PRIMARY KEY (bucket_ms, instance, account_key, provider, failed, failure_type)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

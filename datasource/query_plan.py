@@ -63,8 +63,9 @@ def _families() -> tuple[Family, ...]:
         sketches[spec.dims] = spec.sketches
     # Rows per bucket measured on the benchmark shape (docs/performance.md): latency total
     # (instance x status) < latency < traffic < account latency < account x model latency
-    # < account < api key.
-    order = ["latency_total", "latency", "traffic", "account_latency", "account_model_latency", "account", "api_key"]
+    # < account failure < account < api key.
+    order = ["latency_total", "latency", "traffic", "account_latency", "account_model_latency", "account_failure",
+             "account", "api_key"]
     out = []
     for dims, tables in by_dims.items():
         name = next(iter(tables.values())).removeprefix("rollup_")

@@ -64,8 +64,20 @@ def _cpa_status(status: str | None, disabled: int, unavailable: int) -> str:
 
 
 def _top_failure_types(ctx: Ctx, where: str, params: list[Any]) -> dict[tuple, str]:
+    """Per account, the failure type with the most failed events (ties: the first by name).
+
+    Failure counts by account and type come from rollup_account_failure_* with raw edges when
+    the filters allow; otherwise from the window's failed events (events_failed_ts).
+    """
+    spec = ctx.spec
+    group = ("instance", "account_key", "failure_type")
+    if ctx.reader.plan(spec.from_ms, spec.to_ms, group).uses_rollups:
+        found = ctx.reader.sums(spec.from_ms, spec.to_ms, group, measures=("failures",))
+        counted = [(*key, v[0]) for key, v in found.items() if v[0]]
+    else:
+        counted = ctx.rows(FAILURE_TYPES_SQL.format(where=where), params)
     best: dict[tuple, tuple[int, str]] = {}
-    for inst, key, ftype, n in ctx.rows(FAILURE_TYPES_SQL.format(where=where), params):
+    for inst, key, ftype, n in counted:
         current = best.get((inst, key))
         if current is None or (-n, ftype) < (-current[0], current[1]):
             best[(inst, key)] = (n, ftype)

@@ -58,6 +58,7 @@ _LATENCY = ("instance", "provider", "analytics_model", "failed")
 _ACCOUNT_LATENCY = ("instance", "account_key", "provider")
 _ACCOUNT_MODEL_LATENCY = ("instance", "account_key", "analytics_model", "provider", "failed")
 _LATENCY_TOTAL = ("instance", "failed")
+_ACCOUNT_FAILURE = ("instance", "account_key", "provider", "failed", "failure_type")
 
 SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, False),
@@ -80,10 +81,15 @@ SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_latency_total_day", DAY_MS, _LATENCY_TOTAL, True),
     RollupSpec("rollup_account_latency_hour", HOUR_MS, _ACCOUNT_LATENCY, True),
     RollupSpec("rollup_account_model_latency_hour", HOUR_MS, _ACCOUNT_MODEL_LATENCY, True),
+    # Schema step 7: accounts by failure type (Account Overview's top failure type without
+    # reading the window's failed events; ~1.5 rows per account and bucket).
+    RollupSpec("rollup_account_failure_hour", HOUR_MS, _ACCOUNT_FAILURE, False),
+    RollupSpec("rollup_account_failure_day", DAY_MS, _ACCOUNT_FAILURE, False),
 )
 # The tables each schema step created (db.py); a step's backfill fills only its own.
 STEP6_TABLES = ("rollup_traffic_5m", "rollup_latency_5m", "rollup_latency_total_5m", "rollup_latency_total_hour",
                 "rollup_latency_total_day", "rollup_account_latency_hour", "rollup_account_model_latency_hour")
+STEP7_TABLES = ("rollup_account_failure_hour", "rollup_account_failure_day")
 SPEC_BY_TABLE = {spec.table: spec for spec in SPECS}
 MAX_GRAIN_MS = max(spec.grain_ms for spec in SPECS)
 

@@ -274,6 +274,12 @@ def test_families_chosen_for_the_monitoring_panels(db, filters):
     assert _tables(db, (), lo, hi, ("status_class",), step=five) == {"rollup_traffic_5m"}
     assert _tables(db, acct_model, lo, hi) == {"rollup_account_model_latency_hour"}
     assert _tables(db, acct_model, lo, hi, ("status_class",)) == {"rollup_account_hour"}
+    # Account Overview: per-account sums from the narrowest account family, top failure type
+    # from accounts by failure type
+    assert _tables(db, (), lo, hi, ("instance", "account_key", "failure_type")) == {"rollup_account_failure_hour"}
+    assert _tables(db, (), RANGES["2.5d"][0], RANGES["2.5d"][1], ("instance", "account_key")) == {
+        "rollup_account_latency_hour", "rollup_account_latency_day"}
+    assert _tables(db, model, lo, hi, ("instance", "account_key", "failure_type")) == set()  # no model key: raw
 
 
 def test_pruned_days_answer_from_rollups(tmp_path, traffic):

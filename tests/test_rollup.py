@@ -263,13 +263,36 @@ def test_step_6_backfills_its_tables_from_the_events_present(conn):
     insert(conn, random_events(1500, seed=9))
     incremental = snapshot(conn)
     with conn:
-        for table in rollup.STEP6_TABLES:
+        for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES:
             conn.execute(f"DROP TABLE {table}")
         conn.pragma("user_version", 5)
     assert migrate(conn) == SCHEMA_VERSION
     assert snapshot(conn) == incremental
     assert_matches_raw(conn)
     assert conn.execute("SELECT sum(requests) FROM rollup_latency_total_day").get == 1500
+
+
+def test_step_7_backfills_accounts_by_failure_type(conn):
+    from datasource.db import SCHEMA_VERSION, migrate
+
+    events = random_events(1200, seed=10)
+    insert(conn, events)
+    incremental = snapshot(conn)
+    with conn:
+        for table in rollup.STEP7_TABLES:
+            conn.execute(f"DROP TABLE {table}")
+        conn.pragma("user_version", 6)
+    assert migrate(conn) == SCHEMA_VERSION
+    assert snapshot(conn) == incremental
+    # failures per account and type, counted by hand from the events
+    want: dict[tuple, int] = {}
+    for e in events:
+        if e.row["failed"]:
+            k = (e.row["account_key"], e.row["failure_type"])
+            want[k] = want.get(k, 0) + 1
+    got = dict(((a, f), n) for a, f, n in conn.execute(
+        "SELECT account_key, failure_type, sum(failures) FROM rollup_account_failure_day WHERE failed = 1 GROUP BY 1, 2"))
+    assert got == want and sum(want.values()) > 100
 
 
 def test_upsert_params_single_and_grouped_keys_by_hand():
