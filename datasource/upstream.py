@@ -361,9 +361,9 @@ class UpstreamLoop:
             while not self.stop.is_set():
                 raws = pop()
                 ahead = (ingestor.prepare(raws), len(raws)) if raws else None  # the worker starts on it now
-                if pending is not None:
-                    self.store_pending(*pending)
-                pending = ahead
+                current, pending = pending, ahead  # a store that raises leaves only `ahead` to the finally
+                if current is not None:
+                    self.store_pending(*current)
                 total += len(raws)
                 if not raws or (drain and len(raws) < self.settings.batch_size):
                     break

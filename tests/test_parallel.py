@@ -150,3 +150,36 @@ def test_pump_stores_the_batch_in_hand_when_a_pop_fails_and_drain_stops_at_a_sho
     finally:
         loop.ingestor.close()
         loop.conn.close()
+
+
+def test_pump_stopping_during_a_store_outage_gives_up_each_held_batch_once(settings, caplog):
+    import apsw
+
+    from datasource.db import connect
+
+    loop = _loop(settings, 1, batch=100)
+    loop.conn.set_busy_timeout(50)
+    blocker = connect(settings.db)
+    batches = [_events(0, 100), _events(100, 160)]
+
+    def pop() -> list[bytes]:
+        if len(batches) == 1:  # batch 1 is prepared; the store locks up and stop comes while batch 2 is popped
+            blocker.execute("BEGIN IMMEDIATE")
+            loop.stop.set()
+        return batches.pop(0)
+
+    try:
+        with caplog.at_level("ERROR", logger="datasource.upstream"):
+            with pytest.raises(apsw.BusyError):
+                loop.pump(pop, drain=False)
+        gave_up = [r.getMessage().split(": ")[1] for r in caplog.records
+                   if "popped items not stored" in r.getMessage()]
+        # the batch being stored (100) and the one popped ahead (60): each given up once, none twice
+        assert gave_up == ["stopping with 100 popped items not stored", "stopping with 60 popped items not stored"]
+        blocker.execute("ROLLBACK")
+        assert loop.conn.execute("SELECT count(*) FROM events").get == 0
+        assert loop.conn.execute("SELECT count(*) FROM event_ledger").get == 0
+    finally:
+        blocker.close()
+        loop.ingestor.close()
+        loop.conn.close()
