@@ -25,7 +25,7 @@ from multiprocessing import Pool
 from typing import Iterable, Iterator
 
 from benchmarks.shape import payloads
-from datasource import rollup, store
+from datasource import rollup, store, txn
 from datasource.db import open_database
 from datasource.model import Control, Normalized, Rejected
 from datasource.normalize import normalize
@@ -101,8 +101,7 @@ def _chunks(it: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def _apply_rollups(conn, rows: list) -> None:  # type: ignore[no-untyped-def]
-    conn.transaction_mode = "IMMEDIATE"
-    with conn:
+    with txn.write(conn):
         rollup.apply(conn, rows)
     rows.clear()
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import apsw
 
-from datasource import rollup, rowpack
+from datasource import rollup, rowpack, txn
 from datasource.model import InsertResult, Normalized, Rejected
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ def insert_batch(
     events: list[dict[str, Any]] = []
     privates: list[dict[str, Any]] = []
     dead: list[tuple[Any, ...]] = []
-    conn.transaction_mode = "IMMEDIATE"
-    with conn:
+    with txn.write(conn):
         next_id = conn.execute(SELECT_MAX_EVENT_ID).get + 1
         accounts: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         for item in items:
@@ -190,17 +189,16 @@ def prune(conn: apsw.Connection, older_than_ms: int, *, batch: int = 5000) -> in
     """
     if batch <= 0:
         raise ValueError("batch must be positive")
-    conn.transaction_mode = "IMMEDIATE"
     deleted = 0
     while True:
-        with conn:
+        with txn.write(conn):
             ids = [(row[0],) for row in conn.execute(SELECT_PRUNE_IDS, (older_than_ms, batch))]
             conn.executemany(DELETE_PRIVATE, ids)
             conn.executemany(DELETE_EVENT, ids)
         deleted += len(ids)
         if len(ids) < batch:
             break
-    with conn:
+    with txn.write(conn):
         conn.execute(DELETE_DEAD_LETTERS, (older_than_ms,))
     logger.info("pruned %d events older than %d", deleted, older_than_ms)
     return deleted

@@ -13,6 +13,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from datasource import txn
 from datasource.store import Connection
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def write_status(conn: Connection, row: StatusRow) -> None:
     params = asdict(row)
     params["warnings"] = json.dumps(row.warnings) if row.warnings else None
     params["usage_publishing"] = None if row.usage_publishing is None else int(row.usage_publishing)
-    with conn:
+    with txn.write(conn):
         conn.execute(UPSERT_STATUS, params)
 
 
@@ -183,7 +184,7 @@ def read_totals(conn: Connection, instance: str) -> tuple[int, int, int]:
 
 def write_standby(conn: Connection, instance: str, url: str, warning: str, now_ms: int) -> None:
     """Record a standby row for an upstream nobody has reported on yet (never overwrites the holder's)."""
-    with conn:
+    with txn.write(conn):
         conn.execute(INSERT_STANDBY, (instance, url, json.dumps([warning]), now_ms))
 
 
@@ -207,26 +208,26 @@ def read_status(conn: Connection) -> list[dict[str, Any]]:
 
 def open_episode(conn: Connection, instance: str, kind: str, start_ms: int, detail: str) -> int:
     """A gap / error / dropped_subscription / reconnect episode; returns its id for close_episode."""
-    with conn:
+    with txn.write(conn):
         conn.execute(INSERT_EPISODE, (instance, kind, start_ms, None, detail))
         return conn.last_insert_rowid()
 
 
 def add_episode(conn: Connection, instance: str, kind: str, start_ms: int, end_ms: int, detail: str) -> int:
-    with conn:
+    with txn.write(conn):
         conn.execute(INSERT_EPISODE, (instance, kind, start_ms, end_ms, detail))
         return conn.last_insert_rowid()
 
 
 def close_episode(conn: Connection, episode_id: int, end_ms: int) -> None:
-    with conn:
+    with txn.write(conn):
         conn.execute(CLOSE_EPISODE, (end_ms, episode_id))
 
 
 def upsert_accounts(conn: Connection, instance: str, rows: Sequence[dict[str, Any]], now_ms: int) -> int:
     """Write the auth-file rows for `instance`; record each status change. Returns the changes."""
     changes = 0
-    with conn:
+    with txn.write(conn):
         for row in rows:
             params = dict(row, instance=instance, updated_ms=now_ms)
             old = conn.execute(SELECT_ACCOUNT_STATUS, (instance, params["auth_index"])).fetchone()
@@ -240,7 +241,7 @@ def upsert_accounts(conn: Connection, instance: str, rows: Sequence[dict[str, An
 
 def insert_credential_error(conn: Connection, row: dict[str, Any], body: str | None) -> int:
     """One credential error event; the raw body goes to credential_error_private only."""
-    with conn:
+    with txn.write(conn):
         conn.execute(INSERT_CREDENTIAL_ERROR, row)
         error_id = conn.last_insert_rowid()
         if body:
