@@ -30,6 +30,9 @@ DAY_MS = 86_400_000
 # WAL for a 17 MB database with two busy readers). Past this size the supervisor runs a TRUNCATE
 # checkpoint, which waits (busy timeout) for the readers of old snapshots and resets the file.
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
+# A supervisor error that repeats every tick (a read-only or full disk) is logged with its
+# traceback once, then as one line at most this often, and once more when it clears.
+REPEAT_LOG_S = 300.0
 MODES = ("auto", "subscribe", "http", "resp")
 
 
@@ -57,6 +60,8 @@ class CollectorService:
         self._thread: threading.Thread | None = None
         self._loops: list[tuple[UpstreamLoop, threading.Thread]] = []
         self._standby_logged = False
+        self._last_error: str | None = None
+        self._last_error_logged = 0.0
         self._next_prune_ms = 0
         self.wal_checkpoints = 0
         self._sidecar: store_status.StatusSidecar | None = None
@@ -96,14 +101,31 @@ class CollectorService:
                 try:
                     conn = conn or open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms)
                     self._tick(conn)
-                except Exception:  # never let the supervising thread die (a busy or missing database)
-                    logger.exception("collector supervisor error")
+                    self._error_cleared()
+                except Exception as exc:  # never let the supervising thread die (a busy or missing database)
+                    self._report_error(exc)
                 self._stop.wait(self.timing.lock_retry_s)
         finally:
             self._stop_loops()
             self._lock.release()
             if conn is not None:
                 conn.close()
+
+    def _report_error(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text != self._last_error:
+            logger.exception("collector supervisor error")
+        elif now - self._last_error_logged >= REPEAT_LOG_S:
+            logger.warning("collector supervisor error persists: %s", text)
+        else:
+            return
+        self._last_error, self._last_error_logged = text, now
+
+    def _error_cleared(self) -> None:
+        if self._last_error is not None:
+            logger.info("collector supervisor recovered from: %s", self._last_error)
+            self._last_error = None
 
     def _tick(self, conn: object) -> None:
         if not self._lock.held and self._lock.try_acquire():

@@ -123,6 +123,33 @@ def test_retention_runs_daily_in_the_collector_and_keeps_rollups(settings):
     assert scalar(settings.db, "SELECT count(*) FROM event_ledger") == 15  # a pruned event stays a duplicate
 
 
+def test_supervisor_error_is_logged_once_while_it_repeats_then_its_recovery(settings, tmp_path, caplog, monkeypatch):
+    """The database directory is a plain file: every 0.1 s tick fails the same way. One ERROR
+    with its traceback, not one per tick; a repeat line only after REPEAT_LOG_S; an INFO when
+    the directory is fixed and the supervisor gets going (it opens the database and takes the lock)."""
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+    cfg = settings_for(replace(settings, db=str(blocker / "m.db")), "redis://127.0.0.1:9", collector_mode="resp")
+    svc = CollectorService(cfg, timing=replace(FAST, lock_retry_s=0.1))
+    caplog.set_level("INFO", logger="datasource.collector")
+    svc.start()
+    try:
+        time.sleep(1.0)  # ~10 failing ticks
+        errors = [r for r in caplog.records if r.getMessage() == "collector supervisor error"]
+        assert len(errors) == 1 and errors[0].levelname == "ERROR" and errors[0].exc_info is not None
+        assert not any("persists" in r.getMessage() for r in caplog.records)
+        monkeypatch.setattr(collector_module, "REPEAT_LOG_S", 0.0)
+        wait_for(lambda: any("persists" in r.getMessage() for r in caplog.records), timeout=3)
+        blocker.unlink()
+        blocker.mkdir()
+        wait_for(lambda: any(r.getMessage().startswith("collector supervisor recovered from: ")
+                             for r in caplog.records), timeout=3)
+        assert os.path.exists(blocker / "m.db")
+    finally:
+        svc.stop()
+    assert len([r for r in caplog.records if r.getMessage() == "collector supervisor error"]) == 1
+
+
 # --- backup and restore -------------------------------------------------------------------------
 def _check_backup(path: str) -> list[int]:
     conn = connect(path, readonly=True)
