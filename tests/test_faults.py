@@ -541,8 +541,12 @@ def _check_consistent(db: str) -> int:
         conn.close()
 
 
-def test_sigkill_during_heavy_ingestion_then_restart(db_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
+    """With a normalize worker (the pipelined collector) up to two popped batches are in flight."""
     total, batch, kills = 16_000, 200, 3
+    in_flight = batch * (2 if workers else 1)
+    extra = ("--batch-size", str(batch), "--normalize-workers", str(workers))
     with RedisServer(KEY) as server:
         pipe = server.client().pipeline(transaction=False)
         for i in range(total):
@@ -551,7 +555,7 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path):
         lost_per_kill = []
         for k in range(kills):
             before = event_count(db_path)
-            proc = _collect(db_path, server.url, "--batch-size", str(batch))
+            proc = _collect(db_path, server.url, *extra)
             try:
                 wait_for(lambda: event_count(db_path) >= before + 1500, timeout=30, interval=0.01)
                 proc.kill()  # SIGKILL: no handler runs, a popped batch may be in flight
@@ -562,9 +566,9 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path):
             stored = _check_consistent(db_path)
             left = server.client().llen("usage")
             lost = total - sum(lost_per_kill) - stored - left  # popped, never committed
-            assert 0 <= lost <= batch, (stored, left, lost)
+            assert 0 <= lost <= in_flight, (stored, left, lost)
             lost_per_kill.append(lost)
-        proc = _collect(db_path, server.url, "--batch-size", str(batch))
+        proc = _collect(db_path, server.url, *extra)
         try:
             wait_for(lambda: server.client().llen("usage") == 0, timeout=60)
             expected = total - sum(lost_per_kill)
@@ -577,7 +581,7 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path):
     assert _check_consistent(db_path) == total - sum(lost_per_kill)
     row = status(db_path)
     assert row["duplicates"] == 0
-    print(f"\nSIGKILL x{kills} with batches of {batch}: popped but uncommitted per kill = {lost_per_kill}")
+    print(f"\nSIGKILL x{kills} with batches of {batch}, {workers} normalize workers: popped but uncommitted per kill = {lost_per_kill}")
 
 
 # --- a full disk, a read-only database -------------------------------------------------------
