@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Sequence
 
@@ -28,6 +31,22 @@ MIN_PARALLEL = 64  # smaller batches are normalized in the caller: a round trip 
 # Share of a batch the worker normalizes. The caller also unpickles the worker's results
 # (~10 us/event against ~9 us/event to pickle them in the worker), so half and half balances.
 DEFAULT_SHARE = 0.5
+
+
+# A worker polls for its parent this often. It must: a worker blocks reading its task queue, and
+# holds that queue's write end itself (multiprocessing passes both), so a parent killed with
+# SIGKILL never gives it EOF; it lingered forever, one orphan per killed collector.
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a daemon thread that ends the worker once its parent is gone."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _normalize_chunk(raws: Sequence[bytes], instance: str) -> list[Outcome]:
@@ -49,7 +68,8 @@ class NormalizePool:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def normalize_all(self, raws: Sequence[bytes]) -> list[Outcome]:

@@ -522,6 +522,21 @@ def _collect(db: str, url: str, *extra: str) -> subprocess.Popen:
                             env=dict(os.environ, PYTHONPATH=ROOT))
 
 
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def _check_consistent(db: str) -> int:
     """integrity_check ok, no event twice, ledger = events, rollups = aggregates over events."""
     from datasource.db import connect
@@ -543,7 +558,8 @@ def _check_consistent(db: str) -> int:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
-    """With a normalize worker (the pipelined collector) up to two popped batches are in flight."""
+    """With a normalize worker (the pipelined collector) up to two popped batches are in flight,
+    and the worker must not outlive its killed collector."""
     total, batch, kills = 16_000, 200, 3
     in_flight = batch * (2 if workers else 1)
     extra = ("--batch-size", str(batch), "--normalize-workers", str(workers))
@@ -558,8 +574,11 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
             proc = _collect(db_path, server.url, *extra)
             try:
                 wait_for(lambda: event_count(db_path) >= before + 1500, timeout=30, interval=0.01)
+                children = _children(proc.pid)  # the normalize worker and multiprocessing's tracker
+                assert len(children) >= workers
                 proc.kill()  # SIGKILL: no handler runs, a popped batch may be in flight
                 proc.wait(timeout=10)
+                wait_for(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), timeout=10)
             finally:
                 if proc.poll() is None:
                     proc.kill()
