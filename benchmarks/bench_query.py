@@ -8,6 +8,10 @@ event) and both filter states (all; one account + one model, the busiest pair), 
 panels' /query bodies are built the way Grafana sends them (tests/grafana_sim.py) and
 posted concurrently (6 connections, like a browser). A refresh is the wall time until
 every panel has answered. Prints median and p95 refresh per case and the slowest panel.
+
+With --alone, each case also times every panel on its own (one request at a time, --runs
+times, median), which is the per-panel figure without the other five requests competing for the
+same two cores, and prints the three slowest.
 """
 
 from __future__ import annotations
@@ -108,6 +112,19 @@ def refresh(port: int, bodies: list[tuple[str, dict[str, Any]]],
     return wall, [(t, title, status) for t, status, title in results]
 
 
+def panels_alone(port: int, bodies: list[tuple[str, dict[str, Any]]], runs: int) -> list[tuple[float, str, int]]:
+    """(median ms, title, worst status) per panel posted on its own, slowest first."""
+    out = []
+    for title, body in bodies:
+        times, worst = [], 200
+        for _ in range(runs):
+            seconds, status = post(port, "/query", body)
+            times.append(seconds)
+            worst = status if status != 200 else worst
+        out.append((statistics.median(times) * 1e3, title, worst))
+    return sorted(out, key=lambda item: -item[0])
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[max(0, -(-len(ordered) * 95 // 100) - 1)]
@@ -118,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", required=True)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--dashboards", default=str(ROOT / "dashboards" / "*.json"))
+    parser.add_argument("--alone", action="store_true", help="also time each panel alone (median of --runs)")
+    parser.add_argument("--ranges", default=",".join(RANGES), help="comma-separated subset of " + ",".join(RANGES))
     args = parser.parse_args(argv)
+    ranges = {label: RANGES[label] for label in args.ranges.split(",")}
     last, account, model = busiest(args.db)
     port = free_port()
     server = start_server(args.db, port)
@@ -129,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'dashboard':<28}{'range':>6} {'filter':<9}{'median ms':>10}{'p95 ms':>9}  slowest panel")
             for path in sorted(glob.glob(args.dashboards)):
                 dash = json.loads(Path(path).read_text())
-                for label, span in RANGES.items():
+                for label, span in ranges.items():
                     for filt, (acc, mod) in (("all", (None, None)), ("acct+mdl", (account, model))):
                         bodies = panel_bodies(dash, last + 1 - span, last + 1, acc, mod)
                         refresh(port, bodies, pool)  # warm-up: page cache and statement cache
@@ -141,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                             slowest = max([slowest] + panels)
                         print(f"{dash['uid']:<28}{label:>6} {filt:<9}{statistics.median(walls) * 1e3:10.0f}"
                               f"{p95(walls) * 1e3:9.0f}  {slowest[1]} {slowest[0] * 1e3:.0f} ms")
+                        if args.alone:
+                            alone = panels_alone(port, bodies, args.runs)
+                            errors += sum(1 for _, _, status in alone if status != 200)
+                            top = ", ".join(f"{title} {ms:.0f}" for ms, title, _ in alone[:3])
+                            print(f"{'':<28}{'':>6} {'':<9}{'alone, ms:':>19}  {top}")
     finally:
         server.terminate()
         server.wait(15)
