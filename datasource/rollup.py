@@ -14,11 +14,15 @@ retention has already (partly) pruned: rollups outlive raw rows.
 
 Dimension values are stored NOT NULL (a missing text becomes '', a missing
 status code 0) so that upserts find their row; readers map '' back to NULL.
-The table DDL lives in db.py (schema steps 2 and 6); a test checks it matches SPECS.
+A `sets` spec also keeps the distinct analytics models and accounts (not '-') seen per
+key, as sorted JSON arrays merged by union in SQL (`cpm_set_merge`): exact, idempotent
+and order-free, so a rebuild reproduces the incremental rows byte for byte.
+The table DDL lives in db.py (schema steps 2, 6, 7 and 8); a test checks it matches SPECS.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ FIVE_MIN_MS = 300_000
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 MERGE_FUNCTION = "cpm_sketch_merge"
+SET_MERGE_FUNCTION = "cpm_set_merge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,7 @@ class RollupSpec:
     grain_ms: int
     dims: tuple[str, ...]
     sketches: bool
+    sets: bool = False  # `models` and `accounts` columns: the distinct values seen (SET_COLUMNS)
 
 
 # Chosen by measuring the benchmark shape (see docs/performance.md): a key with
@@ -59,6 +65,7 @@ _ACCOUNT_LATENCY = ("instance", "account_key", "provider")
 _ACCOUNT_MODEL_LATENCY = ("instance", "account_key", "analytics_model", "provider", "failed")
 _LATENCY_TOTAL = ("instance", "failed")
 _ACCOUNT_FAILURE = ("instance", "account_key", "provider", "failed", "failure_type")
+_API_KEY_SETS = ("instance", "api_key_hash")
 
 SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, False),
@@ -85,11 +92,21 @@ SPECS: tuple[RollupSpec, ...] = (
     # reading the window's failed events; ~1.5 rows per account and bucket).
     RollupSpec("rollup_account_failure_hour", HOUR_MS, _ACCOUNT_FAILURE, False),
     RollupSpec("rollup_account_failure_day", DAY_MS, _ACCOUNT_FAILURE, False),
+    # Schema step 8: API keys keyed by instance and key only (~one row per key and bucket),
+    # carrying the distinct models and accounts seen as sets (API Key Summary without
+    # rollup_api_key_day's key x account x model rows, nor raw edges over 5 minutes).
+    RollupSpec("rollup_api_key_sets_5m", FIVE_MIN_MS, _API_KEY_SETS, False, True),
+    RollupSpec("rollup_api_key_sets_hour", HOUR_MS, _API_KEY_SETS, False, True),
+    RollupSpec("rollup_api_key_sets_day", DAY_MS, _API_KEY_SETS, False, True),
 )
 # The tables each schema step created (db.py); a step's backfill fills only its own.
 STEP6_TABLES = ("rollup_traffic_5m", "rollup_latency_5m", "rollup_latency_total_5m", "rollup_latency_total_hour",
                 "rollup_latency_total_day", "rollup_account_latency_hour", "rollup_account_model_latency_hour")
 STEP7_TABLES = ("rollup_account_failure_hour", "rollup_account_failure_day")
+STEP8_TABLES = ("rollup_api_key_sets_5m", "rollup_api_key_sets_hour", "rollup_api_key_sets_day")
+# Set columns of a `sets` spec: column -> (event dimension, value left out).
+SET_COLUMNS: dict[str, tuple[str, str | None]] = {"models": ("analytics_model", None),
+                                                  "accounts": ("account_key", "-")}
 SPEC_BY_TABLE = {spec.table: spec for spec in SPECS}
 MAX_GRAIN_MS = max(spec.grain_ms for spec in SPECS)
 
@@ -144,6 +161,9 @@ def _upsert_sql(spec: RollupSpec) -> str:
     if spec.sketches:
         cols += ("latency_sketch", "ttft_sketch")
         sets += [f"{c} = {MERGE_FUNCTION}({c}, excluded.{c})" for c in ("latency_sketch", "ttft_sketch")]
+    if spec.sets:
+        cols += tuple(SET_COLUMNS)
+        sets += [f"{c} = {SET_MERGE_FUNCTION}({c}, excluded.{c})" for c in SET_COLUMNS]
     return (f"INSERT INTO {spec.table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
             f"ON CONFLICT({', '.join(key)}) DO UPDATE SET {', '.join(sets)}")
 
@@ -221,6 +241,40 @@ def _one_sample_blob(bucket: int | None) -> bytes | None:
     return blob
 
 
+def encode_set(values: Iterable[str]) -> str:
+    """A set of texts as stored in a `sets` column: a JSON array, sorted (code points), no duplicates,
+    no spaces. One encoding per set, so merging in any order, or rebuilding, gives the same bytes."""
+    return json.dumps(sorted(set(values)), ensure_ascii=False, separators=(",", ":"))
+
+
+def merge_sets(a: str | None, b: str | None) -> str | None:
+    """The union of two encoded sets (the SQL function SET_MERGE_FUNCTION); idempotent, order-free."""
+    if a is None or a == b:
+        return b if a is None else a
+    if b is None:
+        return a
+    left = json.loads(a)
+    merged = set(left)
+    merged.update(json.loads(b))
+    if len(merged) == len(left):
+        return a  # b adds nothing: a is already the canonical encoding of the union
+    return encode_set(merged)
+
+
+_ONE_VALUE_SETS: dict[str, str] = {}  # encoded one-element sets by value (models, accounts: a few hundred)
+
+
+def _one_value_set(value: str | None) -> str:
+    if value is None:
+        return "[]"
+    found = _ONE_VALUE_SETS.get(value)
+    if found is None:
+        found = encode_set((value,))
+        if len(_ONE_VALUE_SETS) < 4096:
+            _ONE_VALUE_SETS[value] = found
+    return found
+
+
 def _key_getter(dims: tuple[str, ...]) -> Any:
     get = itemgetter(*dims)
     return get if len(dims) > 1 else (lambda d: (get(d),))
@@ -240,6 +294,7 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
     """
     measures = [_measures(row) for row in rows]
     stamps = [row["ts_ms"] for row in rows]
+    set_values: list[tuple[str | None, ...]] | None = [] if any(spec.sets for spec in specs) else None
     plan = []
     for spec in specs:
         getter = _KEY_GETTERS.get(spec.dims)
@@ -249,6 +304,8 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
     for n, row in enumerate(rows):
         ts = stamps[n]
         dims = _dims(row)
+        if set_values is not None:
+            set_values.append(tuple(None if dims[d] == skip else dims[d] for d, skip in SET_COLUMNS.values()))
         for grain, getter, groups in plan:
             key = (ts - ts % grain,) + getter(dims)
             members = groups.get(key)
@@ -270,6 +327,8 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
                 if buckets is not None and spec.sketches:
                     lat, ttft = buckets[n]
                     param += (_one_sample_blob(lat), _one_sample_blob(ttft))
+                if set_values is not None and spec.sets:
+                    param += tuple(_one_value_set(v) for v in set_values[n])
                 params.append(param)
                 continue
             sums = tuple(map(sum, zip(*(measures[n] for n in members))))
@@ -279,6 +338,9 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
             if buckets is not None and spec.sketches:
                 param += (_sketch_blob(buckets[n][0] for n in members),
                           _sketch_blob(buckets[n][1] for n in members))
+            if set_values is not None and spec.sets:
+                param += tuple(encode_set(v for n in members if (v := set_values[n][i]) is not None)
+                               for i in range(len(SET_COLUMNS)))
             params.append(param)
         out[spec.table] = params
     return out
@@ -290,9 +352,10 @@ _registered: "weakref.WeakKeyDictionary[apsw.Connection, bool]" = weakref.WeakKe
 
 
 def register_functions(conn: apsw.Connection) -> None:
-    """Make the sketch merge function available to SQL on this connection (once)."""
+    """Make the sketch and set merge functions available to SQL on this connection (once)."""
     if conn not in _registered:
         conn.create_scalar_function(MERGE_FUNCTION, sketch.merge_bytes, 2, deterministic=True)
+        conn.create_scalar_function(SET_MERGE_FUNCTION, merge_sets, 2, deterministic=True)
         _registered[conn] = True
 
 

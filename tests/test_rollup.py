@@ -87,7 +87,15 @@ def raw_aggregate(conn, spec: rollup.RollupSpec) -> dict[tuple, dict]:
     out = {}
     width = 1 + len(spec.dims)
     for row in conn.execute(sql):
-        out[tuple(row[:width])] = {"measures": row[width:-2], "latency": row[-2], "ttft": row[-1]}
+        out[tuple(row[:width])] = {"measures": row[width:-2], "latency": row[-2], "ttft": row[-1],
+                                   "models": set(), "accounts": set()}
+    if spec.sets:  # the distinct models and accounts (not '-') of each group, collected row by row
+        for row in conn.execute(f"SELECT ts_ms - ts_ms % {spec.grain_ms}, {', '.join(dims)}, analytics_model, "
+                                "account_key FROM events"):
+            group = out[tuple(row[:width])]
+            group["models"].add(row[width])
+            if row[width + 1] != "-":
+                group["accounts"].add(row[width + 1])
     return out
 
 
@@ -98,7 +106,8 @@ def assert_matches_raw(conn) -> None:
         raw = raw_aggregate(conn, spec)
         width = 1 + len(spec.dims)
         names = rollup.MEASURES + ("first_ms", "last_ms", "last_failure_ms")
-        cols = ", ".join(("bucket_ms",) + spec.dims + names + (("latency_sketch", "ttft_sketch") if spec.sketches else ()))
+        cols = ", ".join(("bucket_ms",) + spec.dims + names + (("latency_sketch", "ttft_sketch") if spec.sketches else ())
+                         + (tuple(rollup.SET_COLUMNS) if spec.sets else ()))
         rows = conn.execute(f"SELECT {cols} FROM {spec.table}").fetchall()
         assert len(rows) == len(raw), spec.table
         for row in rows:
@@ -106,6 +115,9 @@ def assert_matches_raw(conn) -> None:
             got = row[width:width + len(names)]
             for name, g, e in zip(names, got, expected["measures"]):
                 assert g == e, (spec.table, name, g, e)
+            if spec.sets:  # sorted distinct models / accounts (not '-') as compact JSON arrays
+                assert row[-2:] == (json.dumps(sorted(expected["models"]), separators=(",", ":")),
+                                    json.dumps(sorted(expected["accounts"]), separators=(",", ":"))), spec.table
             if spec.sketches:
                 for blob, values in zip(row[-2:], (expected["latency"], expected["ttft"])):
                     want = Sketch()
@@ -118,6 +130,7 @@ def test_tables_match_specs(conn):
     for spec in rollup.SPECS:
         cols = [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (spec.table,))]
         extra = ("latency_sketch", "ttft_sketch") if spec.sketches else ()
+        extra += tuple(rollup.SET_COLUMNS) if spec.sets else ()
         assert cols == ["bucket_ms", *spec.dims, *rollup.MEASURES, "first_ms", "last_ms", "last_failure_ms", *extra]
         pk = [r[1] for r in sorted(conn.execute("SELECT * FROM pragma_table_info(?)", (spec.table,)),
                                    key=lambda r: r[5]) if r[5]]
@@ -263,7 +276,7 @@ def test_step_6_backfills_its_tables_from_the_events_present(conn):
     insert(conn, random_events(1500, seed=9))
     incremental = snapshot(conn)
     with conn:
-        for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES:
+        for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES + rollup.STEP8_TABLES:
             conn.execute(f"DROP TABLE {table}")
         conn.pragma("user_version", 5)
     assert migrate(conn) == SCHEMA_VERSION
@@ -279,7 +292,7 @@ def test_step_7_backfills_accounts_by_failure_type(conn):
     insert(conn, events)
     incremental = snapshot(conn)
     with conn:
-        for table in rollup.STEP7_TABLES:
+        for table in rollup.STEP7_TABLES + rollup.STEP8_TABLES:
             conn.execute(f"DROP TABLE {table}")
         conn.pragma("user_version", 6)
     assert migrate(conn) == SCHEMA_VERSION
