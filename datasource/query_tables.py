@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from datasource import rollup
 from datasource.model import Frame
 from datasource.query_plan import (
-    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels,
+    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels, split_range,
 )
 from datasource.query_common import (
     UNITS, Ctx, payload_choice, payload_int, ratio, sort_rows, table_frame,
@@ -143,28 +144,93 @@ SELECT {key}, {measures}, json_group_array(DISTINCT analytics_model),
        json_group_array(DISTINCT nullif(account_key, '-'))
 FROM {table} WHERE {where} GROUP BY 1
 """
+# rollup_api_key_sets_* (schema step 8): the sets are stored per key and bucket; the distinct
+# set texts of a piece come back as a JSON array of JSON arrays (whole buckets mostly repeat).
+API_KEY_SETS_SQL = """
+SELECT api_key_hash, {measures}, json_group_array(DISTINCT models), json_group_array(DISTINCT accounts)
+FROM {table} WHERE {where} GROUP BY 1
+"""
+SET_DIMS = frozenset(rollup.SPEC_BY_TABLE[rollup.STEP8_TABLES[0]].dims)
+SET_TABLES = {rollup.SPEC_BY_TABLE[t].grain_ms: t for t in rollup.STEP8_TABLES}
+
+
+def _sets_from(ctx: Ctx) -> int | None:
+    """Where the set tables are complete: None for everywhere, else a UTC day boundary.
+
+    Step 8 backfilled them from the events present; days retention had already pruned
+    (wholly, or the first day in part) stay empty there but are whole in the older daily
+    tables. Compared on the first day: rollup_traffic_day (every event since step 2) against
+    rollup_api_key_sets_day (its first day and requests).
+    """
+    day_table = SET_TABLES[rollup.DAY_MS]
+    old = ctx.rows("SELECT bucket_ms, sum(requests) FROM rollup_traffic_day "
+                   "WHERE bucket_ms = (SELECT min(bucket_ms) FROM rollup_traffic_day)")
+    first_old, n_old = old[0] if old else (None, None)
+    if first_old is None:
+        return None
+    new = ctx.rows(f"SELECT bucket_ms, sum(requests) FROM {day_table} "
+                   f"WHERE bucket_ms = (SELECT min(bucket_ms) FROM {day_table})")
+    first_new, n_new = new[0] if new else (None, None)
+    if first_new is None:
+        return 1 << 62  # set tables empty while older rollups hold events: not usable
+    if first_new == first_old and n_new == n_old:
+        return None
+    return first_new + rollup.DAY_MS
+
+
+def _api_key_plans(ctx: Ctx) -> list[Plan]:
+    """The API-key set tables (day / hour / 5 min, raw edges under 5 minutes) when the filters
+    only read instance and api key, from where they are complete on; otherwise (and before
+    that) the planner's choice, rollup_api_key_day plus raw edges."""
+    spec, reader = ctx.spec, ctx.reader
+    lo, hi = spec.from_ms, spec.to_ms
+    tr = reader.translation()
+    plans = []
+    if reader.rollups and tr is not None and tr.dims <= SET_DIMS and lo < hi:
+        cut = _sets_from(ctx)
+        if cut is not None and cut > lo:
+            plans.append(reader.plan(lo, min(cut, hi), ("api_key_hash", "analytics_model", "account_key")))
+            lo = cut
+        if lo < hi:
+            p = Plan(split_range(lo, hi, SET_TABLES), tr)
+            reader.used_rollups = reader.used_rollups or p.uses_rollups
+            plans.append(p)
+        return plans
+    return [reader.plan(lo, hi, ("api_key_hash", "analytics_model", "account_key"))]
 
 
 def api_keys(ctx: Ctx) -> list[Frame]:
     limit = payload_int(ctx.spec.payload, "limit", 1000, 1, 5000)
     spec = ctx.spec
     reader = ctx.reader
-    plan = reader.plan(spec.from_ms, spec.to_ms, ("api_key_hash", "analytics_model", "account_key"))
     per_key: dict[str, dict[str, Any]] = {}
-    for piece in plan.pieces:
+    decoded: dict[str, list[str]] = {}
+    for plan, piece in [(p, piece) for p in _api_key_plans(ctx) for piece in p.pieces]:
         where, params = plan.where(piece, spec.clauses)
         raw = piece.table == RAW
-        sql = API_KEYS_SQL.format(
-            key=GROUPS["api_key_hash"][0 if raw else 1], table="events" if raw else piece.table, where=where,
-            measures=", ".join((RAW_EXPR if raw else ROLLUP_EXPR)[m] for m in API_KEY_MEASURES))
+        measures = ", ".join((RAW_EXPR if raw else ROLLUP_EXPR)[m] for m in API_KEY_MEASURES)
+        sets = piece.table in rollup.STEP8_TABLES
+        if sets:
+            sql = API_KEY_SETS_SQL.format(table=piece.table, where=where, measures=measures)
+        else:
+            sql = API_KEYS_SQL.format(key=GROUPS["api_key_hash"][0 if raw else 1],
+                                      table="events" if raw else piece.table, where=where, measures=measures)
         for key_hash, *rest in ctx.rows(sql, params):
             sums, models, accounts_hit = rest[:-2], rest[-2], rest[-1]
             have = per_key.get(key_hash)
             if have is None:
                 have = per_key[key_hash] = {"sums": empty(API_KEY_MEASURES), "models": set(), "accounts": set()}
             add_into(have["sums"], sums, API_KEY_MEASURES)
-            have["models"].update(json.loads(models))
-            have["accounts"].update(a for a in json.loads(accounts_hit) if a is not None)
+            if sets:
+                for texts, into in ((models, have["models"]), (accounts_hit, have["accounts"])):
+                    for text in json.loads(texts):
+                        values = decoded.get(text)
+                        if values is None:
+                            values = decoded[text] = json.loads(text)
+                        into.update(values)
+            else:
+                have["models"].update(json.loads(models))
+                have["accounts"].update(a for a in json.loads(accounts_hit) if a is not None)
     masked = labels(reader, "api_key_hash", per_key, spec.from_ms, spec.to_ms)
     rows = []
     for key_hash, have in per_key.items():
