@@ -251,14 +251,28 @@ def merge_sets(a: str | None, b: str | None) -> str | None:
     """The union of two encoded sets (the SQL function SET_MERGE_FUNCTION); idempotent, order-free."""
     if a is None or a == b:
         return b if a is None else a
-    if b is None:
+    if b is None or b == "[]":
         return a
+    if _holds(a, b):
+        return a  # a already holds b's one value: a is the canonical encoding of the union
     left = json.loads(a)
     merged = set(left)
     merged.update(json.loads(b))
     if len(merged) == len(left):
-        return a  # b adds nothing: a is already the canonical encoding of the union
+        return a
     return encode_set(merged)
+
+
+def _holds(a: str, b: str) -> bool:
+    """Whether encoded set `a` holds the single value of encoded set `b`, by text.
+
+    In encoded JSON a '"' inside a value is escaped (a backslash precedes it), so '[' or ','
+    followed by '"' only starts a value, and a value's text ends at '",' or '"]'.
+    """
+    if b.find('","') >= 0:  # more than one value (or a value holding '","' escaped: decode)
+        return False
+    inner = b[1:-1]
+    return a == b or f"[{inner}," in a or f",{inner}," in a or f",{inner}]" in a
 
 
 _ONE_VALUE_SETS: dict[str, str] = {}  # encoded one-element sets by value (models, accounts: a few hundred)
@@ -317,6 +331,7 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
     if any(spec.sketches for spec in specs):
         buckets = [(_sample_bucket(row.get("latency_ms")), _sample_bucket(row.get("ttft_ms"))) for row in rows]
     out: dict[str, list[tuple[Any, ...]]] = {}
+    set_cache: dict[tuple[int, ...], tuple[str, ...]] = {}
     for spec, (_, _, groups) in zip(specs, plan):
         params = []
         for key, members in groups.items():
@@ -339,8 +354,14 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
                 param += (_sketch_blob(buckets[n][0] for n in members),
                           _sketch_blob(buckets[n][1] for n in members))
             if set_values is not None and spec.sets:
-                param += tuple(encode_set(v for n in members if (v := set_values[n][i]) is not None)
-                               for i in range(len(SET_COLUMNS)))
+                # the 5-minute, hour and day groups of a batch mostly have the same members
+                ident = tuple(members)
+                encoded = set_cache.get(ident)
+                if encoded is None:
+                    encoded = set_cache[ident] = tuple(
+                        encode_set(v for n in members if (v := set_values[n][i]) is not None)
+                        for i in range(len(SET_COLUMNS)))
+                param += encoded
             params.append(param)
         out[spec.table] = params
     return out

@@ -234,3 +234,20 @@ def test_a_failing_set_merge_rolls_the_batch_back(conn):
         store.insert_batch(conn, [event(50, T0 + 11 * MIN, K1, "other", "acc-5")], origin="test")
     assert sets_snapshot(conn) == before
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+
+
+def test_merge_sets_equals_the_set_union_on_awkward_values():
+    """Values with quotes, backslashes, commas and brackets: the text fast path never misjudges."""
+    import random
+
+    rng = random.Random(8)
+    alphabet = ["a", "b", '"', "\\", ",", "[", "]", "é"]
+
+    def some(most: int) -> set[str]:
+        return {"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(0, most))}
+
+    for _ in range(5000):
+        left, right = some(4), some(2)
+        a, b = rollup.encode_set(left), rollup.encode_set(right)
+        assert rollup.merge_sets(a, b) == rollup.encode_set(left | right), (a, b)
+        assert rollup.merge_sets(b, a) == rollup.encode_set(left | right), (a, b)
