@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import apsw
 
-from datasource import sketch
+from datasource import sketch, txn
 
 logger = logging.getLogger(__name__)
 
@@ -459,8 +459,7 @@ def rebuild(conn: apsw.Connection, from_ms: int | None = None, to_ms: int | None
     if chunk_ms <= 0 or chunk_ms % MAX_GRAIN_MS:
         raise ValueError(f"chunk_ms must be a positive multiple of {MAX_GRAIN_MS}")
     register_functions(conn)
-    conn.transaction_mode = "IMMEDIATE"
-    with conn:
+    with txn.write(conn):
         lo_raw, hi_raw = conn.execute(SELECT_EVENT_SPAN).fetchone()
         if lo_raw is None:
             return 0
@@ -472,7 +471,7 @@ def rebuild(conn: apsw.Connection, from_ms: int | None = None, to_ms: int | None
     total = 0
     for start in range(lo, hi, chunk_ms):
         end = min(start + chunk_ms, hi)
-        with conn:
+        with txn.write(conn):
             for spec in SPECS:
                 conn.execute(_DELETE_RANGE[spec.table], (start, end))
             cursor = conn.execute(SELECT_EVENTS, (start, end))
