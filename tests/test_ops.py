@@ -83,9 +83,11 @@ def test_wal_stays_bounded_under_ingest_with_busy_readers(settings, monkeypatch)
         for t in threads:
             t.join()
     assert svc.wal_checkpoints >= 1 and queries[0] > 100
-    # bound: the threshold plus what ingest adds while busy readers make a checkpoint wait (on a loaded
-    # 2-core machine up to ~2x the threshold was seen); unbounded, the same run grew the WAL past 80 MiB
-    assert biggest[0] < 3 * limit, biggest[0]
+    # bound: the threshold plus what ingest adds between supervisor ticks and while busy readers make a
+    # checkpoint wait. Up to ~2x the threshold was seen on a loaded 2-core machine, 3.8x (15.2 MiB) once
+    # write transactions stopped holding the GIL (ingest keeps writing while the readers run) and
+    # schema step 8 added pages per event; unbounded, the same run grew the WAL past 80 MiB
+    assert biggest[0] < 5 * limit, biggest[0]
     assert _numbers(settings.db) == list(range(total))
     print(f"\nWAL max {biggest[0] / 2**20:.1f} MiB with a {limit >> 20} MiB truncate threshold, "
           f"{svc.wal_checkpoints} truncating checkpoints, {queries[0]} reader queries")
