@@ -261,7 +261,9 @@ def test_http_garbage_becomes_dead_letters_and_the_collector_carries_on(settings
     svc = service(settings_for(settings, url, collector_mode="http"))
     try:
         wait_for(lambda: event_count(settings.db) == 2, timeout=10)
-        row = wait_for(lambda: status(settings.db).get("state") == "running" and status(settings.db))
+        # the status row is written after the batch that stored the events: wait for its totals
+        row = wait_for(lambda: (s := status(settings.db)).get("state") == "running"
+                       and s.get("inserted") == 2 and s)
     finally:
         svc.stop()
         server.shutdown()
