@@ -662,34 +662,8 @@ def _v8(conn: apsw.Connection) -> None:
     rollup.backfill(conn, rollup.STEP8_TABLES)
 
 
-_V8 = """
-CREATE TABLE rollup_api_key_sets_5m (
-    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, api_key_hash TEXT NOT NULL,
-    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
-    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
-    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
-    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
-    models TEXT NOT NULL, accounts TEXT NOT NULL,
-    PRIMARY KEY (bucket_ms, instance, api_key_hash)
-) WITHOUT ROWID;
-CREATE TABLE rollup_api_key_sets_hour (
-    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, api_key_hash TEXT NOT NULL,
-    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
-    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
-    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
-    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
-    models TEXT NOT NULL, accounts TEXT NOT NULL,
-    PRIMARY KEY (bucket_ms, instance, api_key_hash)
-) WITHOUT ROWID;
-CREATE TABLE rollup_api_key_sets_day (
+# The three step-8 tables differ only in name (and grain, which is in the rows, not the DDL).
+_V8_TABLE = """CREATE TABLE {table} (
     bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, api_key_hash TEXT NOT NULL,
     requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
     input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
@@ -703,6 +677,8 @@ CREATE TABLE rollup_api_key_sets_day (
     PRIMARY KEY (bucket_ms, instance, api_key_hash)
 ) WITHOUT ROWID;
 """
+_V8 = "\n" + "".join(_V8_TABLE.format(table=t) for t in (
+    "rollup_api_key_sets_5m", "rollup_api_key_sets_hour", "rollup_api_key_sets_day"))
 
 MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
