@@ -45,8 +45,12 @@ LAST_FAILURE_SQL = """
 SELECT status_code, fail_summary FROM events
 WHERE {where} AND instance = ? AND account_key = ? AND ts_ms = ? AND failed = 1 ORDER BY id DESC LIMIT 1
 """
+# INDEXED BY: SQLite's planner picks events_account_ts (same key columns) and then walks every
+# event of the account in the window to find one with quota headers: 438 ms for 99 accounts at
+# 30 d on the 10 M dataset, against 2 ms through the partial index (its WHERE is repeated below
+# verbatim, so the index always applies).
 QUOTA_SQL = """
-SELECT quota_plan, quota_used_pct, quota_recover_at_ms FROM events
+SELECT quota_plan, quota_used_pct, quota_recover_at_ms FROM events INDEXED BY events_quota_account_ts
 WHERE {where} AND instance = ? AND account_key = ?
   AND (quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL)
 ORDER BY ts_ms DESC, id DESC LIMIT 1
