@@ -269,17 +269,22 @@ def test_hand_computed_five_minutes(conn):
     assert conn.execute("SELECT bucket_ms, requests FROM rollup_account_latency_hour").fetchall() == [(T0, 3)]
 
 
-def test_step_6_backfills_its_tables_from_the_events_present(conn):
-    """A database at schema 5 with events: step 6 fills its new tables exactly as inserts would."""
+def remigrate_from_step_5(conn) -> None:
+    """Drop the tables of steps 6 on, set the schema back to 5 and migrate (their backfills run)."""
     from datasource.db import SCHEMA_VERSION, migrate
 
-    insert(conn, random_events(1500, seed=9))
-    incremental = snapshot(conn)
     with conn:
         for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES + rollup.STEP8_TABLES:
             conn.execute(f"DROP TABLE {table}")
         conn.pragma("user_version", 5)
     assert migrate(conn) == SCHEMA_VERSION
+
+
+def test_step_6_backfills_its_tables_from_the_events_present(conn):
+    """A database at schema 5 with events: step 6 fills its new tables exactly as inserts would."""
+    insert(conn, random_events(1500, seed=9))
+    incremental = snapshot(conn)
+    remigrate_from_step_5(conn)
     assert snapshot(conn) == incremental
     assert_matches_raw(conn)
     assert conn.execute("SELECT sum(requests) FROM rollup_latency_total_day").get == 1500
@@ -339,17 +344,11 @@ def test_upsert_params_single_and_grouped_keys_by_hand():
 def test_backfill_and_rebuild_in_small_slices_equal_incremental(conn, monkeypatch):
     """backfill/rebuild read a chunk's events STREAM_ROWS at a time (bounded memory at 10 M);
     slicing a day into 7-event pieces must give the very same rows, sketches and sets byte for byte."""
-    from datasource.db import SCHEMA_VERSION, migrate
-
     monkeypatch.setattr(rollup, "STREAM_ROWS", 7)
     insert(conn, random_events(600, seed=11))
     incremental = snapshot(conn)
     assert rollup.rebuild(conn) == 600
     assert snapshot(conn) == incremental
-    with conn:
-        for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES + rollup.STEP8_TABLES:
-            conn.execute(f"DROP TABLE {table}")
-        conn.pragma("user_version", 5)
-    assert migrate(conn) == SCHEMA_VERSION
+    remigrate_from_step_5(conn)
     assert snapshot(conn) == incremental
     assert conn.execute("SELECT sum(requests) FROM rollup_api_key_sets_day").get == 600
