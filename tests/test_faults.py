@@ -856,10 +856,13 @@ def test_writer_locked_out_past_the_busy_timeout_holds_and_retries(settings):
     with RedisServer(KEY) as server:
         svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
                                    busy_timeout_ms=300))
-        blocker = connect(settings.db)
+        blocker = None
         try:
             server.enqueue(event(0))
             wait_for(lambda: event_count(settings.db) == 1)
+            # Only now: the service has created and migrated the file; opening it while the service
+            # was still creating it made this connect's `journal_mode = wal` fail busy (CI, once).
+            blocker = connect(settings.db)
             loop = svc.loops()[0]
             blocker.execute("BEGIN IMMEDIATE")  # another writer, for longer than the busy timeout
             for i in range(1, 120):
@@ -871,9 +874,10 @@ def test_writer_locked_out_past_the_busy_timeout_holds_and_retries(settings):
             wait_for(lambda: event_count(settings.db) == 120, timeout=10)
             wait_for(lambda: status(settings.db).get("state") == "running")
         finally:
-            if blocker.in_transaction:
-                blocker.execute("ROLLBACK")
-            blocker.close()
+            if blocker is not None:
+                if blocker.in_transaction:
+                    blocker.execute("ROLLBACK")
+                blocker.close()
             svc.stop()
     assert request_ids(settings.db) == [f"r{i:07d}" for i in range(120)]
     assert status(settings.db)["duplicates"] == 0
