@@ -411,7 +411,7 @@ def backfill(conn: apsw.Connection, tables: Sequence[str], *, chunk_ms: int = DA
         return 0
     total = 0
     for start in range(_align_down(lo, chunk_ms), hi + 1, chunk_ms):
-        total += _apply_streamed(conn, conn.execute(SELECT_EVENTS, (start, start + chunk_ms)), specs, aliases=False)
+        total += _apply_range(conn, start, start + chunk_ms, specs, aliases=False)
     return total
 
 
@@ -420,10 +420,11 @@ def backfill(conn: apsw.Connection, tables: Sequence[str], *, chunk_ms: int = DA
 STREAM_ROWS = 20_000
 
 
-def _apply_streamed(conn: apsw.Connection, cursor: Any, specs: Sequence[RollupSpec] = SPECS, *,
-                    aliases: bool = True) -> int:
-    """apply() over a cursor's events in slices of STREAM_ROWS; the same rollup rows as one
-    apply() of them all (upserts add and merge), in bounded memory. Returns the events read."""
+def _apply_range(conn: apsw.Connection, from_ms: int, to_ms: int, specs: Sequence[RollupSpec] = SPECS, *,
+                 aliases: bool = True) -> int:
+    """apply() over the events of [from_ms, to_ms) in slices of STREAM_ROWS; the same rollup rows
+    as one apply() of them all (upserts add and merge), in bounded memory. Returns the events read."""
+    cursor = conn.execute(SELECT_EVENTS, (from_ms, to_ms))
     total = 0
     while True:
         rows = [dict(zip(SOURCE_COLUMNS, values)) for values in islice(cursor, STREAM_ROWS)]
@@ -490,6 +491,6 @@ def rebuild(conn: apsw.Connection, from_ms: int | None = None, to_ms: int | None
         with txn.write(conn):
             for spec in SPECS:
                 conn.execute(_DELETE_RANGE[spec.table], (start, end))
-            total += _apply_streamed(conn, conn.execute(SELECT_EVENTS, (start, end)))
+            total += _apply_range(conn, start, end)
     logger.info("rebuilt rollups over [%d, %d): %d events", lo, hi, total)
     return total
