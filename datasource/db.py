@@ -680,7 +680,37 @@ _V8_TABLE = """CREATE TABLE {table} (
 _V8 = "\n" + "".join(_V8_TABLE.format(table=t) for t in (
     "rollup_api_key_sets_5m", "rollup_api_key_sets_hour", "rollup_api_key_sets_day"))
 
-MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8]
+
+def _v9(conn: apsw.Connection) -> None:
+    """Step 9: accounts x models by status code and failure type, hourly and daily (failure
+    breakdowns filtered by account and model, docs/performance.md). Backfilled from the events
+    present."""
+    from datasource import rollup
+
+    conn.execute(_V9)
+    rollup.backfill(conn, rollup.STEP9_TABLES)
+
+
+_V9_TABLE = """CREATE TABLE {table} (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, analytics_model TEXT NOT NULL,
+    provider TEXT NOT NULL, status_class TEXT NOT NULL, status_code INTEGER NOT NULL, failed INTEGER NOT NULL,
+    failure_type TEXT NOT NULL,
+    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
+    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
+    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
+    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
+    PRIMARY KEY (bucket_ms, instance, account_key, analytics_model, provider, status_class, status_code, failed,
+                 failure_type)
+) WITHOUT ROWID;
+"""
+_V9 = "\n" + "".join(_V9_TABLE.format(table=t) for t in (
+    "rollup_account_model_failure_hour", "rollup_account_model_failure_day"))
+
+MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

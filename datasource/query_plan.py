@@ -65,9 +65,10 @@ def _families() -> tuple[Family, ...]:
         sketches[spec.dims] = spec.sketches
     # Rows per bucket measured on the benchmark shape (docs/performance.md): latency total
     # (instance x status) < latency < traffic < account latency < account x model latency
-    # < account failure < account < api key.
+    # < account failure < account < account x model failure (account's key plus status code
+    # and failure type) < api key.
     order = ["latency_total", "latency", "traffic", "account_latency", "account_model_latency", "account_failure",
-             "account", "api_key"]
+             "account", "account_model_failure", "api_key"]
     out = []
     for dims, tables in by_dims.items():
         name = next(iter(tables.values())).removeprefix("rollup_")

@@ -17,7 +17,7 @@ status code 0) so that upserts find their row; readers map '' back to NULL.
 A `sets` spec also keeps the distinct analytics models and accounts (not '-') seen per
 key, as sorted JSON arrays merged by union in SQL (`cpm_set_merge`): exact, idempotent
 and order-free, so a rebuild reproduces the incremental rows byte for byte.
-The table DDL lives in db.py (schema steps 2, 6, 7 and 8); a test checks it matches SPECS.
+The table DDL lives in db.py (schema steps 2, 6, 7, 8 and 9); a test checks it matches SPECS.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ _ACCOUNT_MODEL_LATENCY = ("instance", "account_key", "analytics_model", "provide
 _LATENCY_TOTAL = ("instance", "failed")
 _ACCOUNT_FAILURE = ("instance", "account_key", "provider", "failed", "failure_type")
 _API_KEY_SETS = ("instance", "api_key_hash")
+_ACCOUNT_MODEL_FAILURE = ("instance", "account_key", "analytics_model", "provider", "status_class", "status_code",
+                          "failed", "failure_type")
 
 SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_traffic_hour", HOUR_MS, _TRAFFIC, False),
@@ -99,12 +101,19 @@ SPECS: tuple[RollupSpec, ...] = (
     RollupSpec("rollup_api_key_sets_5m", FIVE_MIN_MS, _API_KEY_SETS, False, True),
     RollupSpec("rollup_api_key_sets_hour", HOUR_MS, _API_KEY_SETS, False, True),
     RollupSpec("rollup_api_key_sets_day", DAY_MS, _API_KEY_SETS, False, True),
+    # Schema step 9: accounts x models by status code and failure type, hourly and daily (the
+    # failure breakdowns and Account Overview's top failure type filtered by account and model,
+    # which otherwise read every raw event of the account's model in the window).
+    RollupSpec("rollup_account_model_failure_hour", HOUR_MS, _ACCOUNT_MODEL_FAILURE, False),
+    RollupSpec("rollup_account_model_failure_day", DAY_MS, _ACCOUNT_MODEL_FAILURE, False),
 )
 # The tables each schema step created (db.py); a step's backfill fills only its own.
 STEP6_TABLES = ("rollup_traffic_5m", "rollup_latency_5m", "rollup_latency_total_5m", "rollup_latency_total_hour",
                 "rollup_latency_total_day", "rollup_account_latency_hour", "rollup_account_model_latency_hour")
 STEP7_TABLES = ("rollup_account_failure_hour", "rollup_account_failure_day")
 STEP8_TABLES = ("rollup_api_key_sets_5m", "rollup_api_key_sets_hour", "rollup_api_key_sets_day")
+STEP9_TABLES = ("rollup_account_model_failure_hour", "rollup_account_model_failure_day")
+STEP_TABLES = {6: STEP6_TABLES, 7: STEP7_TABLES, 8: STEP8_TABLES, 9: STEP9_TABLES}
 # Set columns of a `sets` spec: column -> (event dimension, value left out).
 SET_COLUMNS: dict[str, tuple[str, str | None]] = {"models": ("analytics_model", None),
                                                   "accounts": ("account_key", "-")}

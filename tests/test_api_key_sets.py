@@ -12,6 +12,7 @@ from datasource import query, rollup, store
 from datasource.db import SCHEMA_VERSION, migrate, open_database
 from datasource.filters import clauses_from_payload
 from datasource.model import Normalized, TargetSpec
+from test_rollup import remigrate_from
 
 T0 = 1_778_000_400_000  # 2026-05-05T17:00:00Z, an hour boundary (not a day boundary)
 MIN = 60_000
@@ -197,11 +198,7 @@ def test_upgrade_after_prune_keeps_the_days_only_the_old_tables_hold(conn):
     before = api_keys(conn, lo, hi, rollups=False)
     assert sum(v["requests"] for v in before.values()) == 16
     assert store.prune(conn, start + DAY + 10 * HOUR) == 6  # day 1 and the first two events of day 2
-    with conn:
-        for t in rollup.STEP8_TABLES:
-            conn.execute(f"DROP TABLE {t}")
-        conn.pragma("user_version", 7)
-    assert migrate(conn) == SCHEMA_VERSION
+    remigrate_from(conn, 7)
     assert conn.execute("SELECT sum(requests) FROM rollup_api_key_sets_day").fetchone()[0] == 10
     assert api_keys(conn, lo, hi) == before
     read = tables_read(conn, lambda: api_keys(conn, lo, hi))
@@ -217,11 +214,7 @@ def test_step_8_backfill_equals_incremental(conn):
     store.insert_batch(conn, events[7:], origin="test")
     want = sets_snapshot(conn)
     assert sum(r[3] for r in want["rollup_api_key_sets_day"]) == len(events)  # requests column
-    with conn:
-        for t in rollup.STEP8_TABLES:
-            conn.execute(f"DROP TABLE {t}")
-        conn.pragma("user_version", 7)
-    assert migrate(conn) == SCHEMA_VERSION
+    remigrate_from(conn, 7)
     assert sets_snapshot(conn) == want
 
 

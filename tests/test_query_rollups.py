@@ -117,6 +117,7 @@ VARIANTS: list[tuple[str, dict[str, Any], int]] = [
     ("timeseries", {"measure": "cache_hit_rate", "split_by": "provider"}, HOUR),
     ("timeseries", {"measure": "latency_avg", "split_by": "request_type"}, 5 * 60_000),
     ("breakdown", {"by": "status_code"}, HOUR),
+    ("breakdown", {"by": "failure_type"}, HOUR),
     ("breakdown", {"by": "cache"}, HOUR),
     ("breakdown", {"by": "account"}, HOUR),
     ("usage", {"by": "model"}, HOUR),
@@ -279,7 +280,16 @@ def test_families_chosen_for_the_monitoring_panels(db, filters):
     assert _tables(db, (), lo, hi, ("instance", "account_key", "failure_type")) == {"rollup_account_failure_hour"}
     assert _tables(db, (), RANGES["2.5d"][0], RANGES["2.5d"][1], ("instance", "account_key")) == {
         "rollup_account_latency_hour", "rollup_account_latency_day"}
-    assert _tables(db, model, lo, hi, ("instance", "account_key", "failure_type")) == set()  # no model key: raw
+    # filtered by model (or account + model): accounts x models by failure type and status code
+    # (schema step 9); before it, raw events
+    assert _tables(db, model, lo, hi, ("instance", "account_key", "failure_type")) == {
+        "rollup_account_model_failure_hour"}
+    assert _tables(db, acct_model, lo, hi, ("failure_type",)) == {"rollup_account_model_failure_hour"}
+    assert _tables(db, acct_model, lo, hi, ("status_code",)) == {"rollup_account_model_failure_hour"}
+    assert _tables(db, acct_model, RANGES["2.5d"][0], RANGES["2.5d"][1], ("status_code",)) == {
+        "rollup_account_model_failure_hour", "rollup_account_model_failure_day"}
+    # ... but not when a grouping no account rollup keeps is asked (request type): raw
+    assert _tables(db, acct_model, lo, hi, ("request_type",)) == set()
 
 
 def test_pruned_days_answer_from_rollups(tmp_path, traffic):

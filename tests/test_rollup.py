@@ -269,14 +269,17 @@ def test_hand_computed_five_minutes(conn):
     assert conn.execute("SELECT bucket_ms, requests FROM rollup_account_latency_hour").fetchall() == [(T0, 3)]
 
 
-def remigrate_from_step_5(conn) -> None:
-    """Drop the tables of steps 6 on, set the schema back to 5 and migrate (their backfills run)."""
+def remigrate_from(conn, step: int) -> None:
+    """Drop the rollup tables of the schema steps after `step`, set the schema back to `step` and
+    migrate (their backfills run)."""
     from datasource.db import SCHEMA_VERSION, migrate
 
     with conn:
-        for table in rollup.STEP6_TABLES + rollup.STEP7_TABLES + rollup.STEP8_TABLES:
-            conn.execute(f"DROP TABLE {table}")
-        conn.pragma("user_version", 5)
+        for later, tables in rollup.STEP_TABLES.items():
+            if later > step:
+                for table in tables:
+                    conn.execute(f"DROP TABLE {table}")
+        conn.pragma("user_version", step)
     assert migrate(conn) == SCHEMA_VERSION
 
 
@@ -284,23 +287,17 @@ def test_step_6_backfills_its_tables_from_the_events_present(conn):
     """A database at schema 5 with events: step 6 fills its new tables exactly as inserts would."""
     insert(conn, random_events(1500, seed=9))
     incremental = snapshot(conn)
-    remigrate_from_step_5(conn)
+    remigrate_from(conn, 5)
     assert snapshot(conn) == incremental
     assert_matches_raw(conn)
     assert conn.execute("SELECT sum(requests) FROM rollup_latency_total_day").get == 1500
 
 
 def test_step_7_backfills_accounts_by_failure_type(conn):
-    from datasource.db import SCHEMA_VERSION, migrate
-
     events = random_events(1200, seed=10)
     insert(conn, events)
     incremental = snapshot(conn)
-    with conn:
-        for table in rollup.STEP7_TABLES + rollup.STEP8_TABLES:
-            conn.execute(f"DROP TABLE {table}")
-        conn.pragma("user_version", 6)
-    assert migrate(conn) == SCHEMA_VERSION
+    remigrate_from(conn, 6)
     assert snapshot(conn) == incremental
     # failures per account and type, counted by hand from the events
     want: dict[tuple, int] = {}
@@ -311,6 +308,58 @@ def test_step_7_backfills_accounts_by_failure_type(conn):
     got = dict(((a, f), n) for a, f, n in conn.execute(
         "SELECT account_key, failure_type, sum(failures) FROM rollup_account_failure_day WHERE failed = 1 GROUP BY 1, 2"))
     assert got == want and sum(want.values()) > 100
+
+
+def test_step_9_accounts_by_model_status_code_and_failure_type_by_hand(conn):
+    """rollup_account_model_failure_*: one row per account x model x status code x failure type
+    (with provider and status class), hourly and daily; a step 8 -> 9 upgrade backfills the same rows."""
+    a = {"provider": "codex", "analytics_model": "gpt-5.4", "account_key": "acct-a", "total_tokens": 10}
+    ok = {"status_code": 200, "status_class": "success", "failed": 0, "failure_type": "none"}
+    quota = {"status_code": 429, "status_class": "4xx", "failed": 1, "failure_type": "quota"}
+    upstream = {"status_code": 503, "status_class": "5xx", "failed": 1, "failure_type": "upstream"}
+    events = [
+        make_event(1, T0 + 1_000, **a, **ok),
+        make_event(2, T0 + 2_000, **a, **ok),
+        make_event(3, T0 + 3_000, **a, **quota),
+        make_event(4, T0 + 4_000, **a, **quota),
+        make_event(5, T0 + 5_000, **a, **upstream),
+        make_event(6, T0 + HOUR + 1, **a, **quota),  # the next hour, same day
+        make_event(7, T0 + 6_000, **{**a, "analytics_model": "gpt-5.5"}, **quota),  # another model
+    ]
+    store.insert_batch(conn, events[:4], origin="test")
+    store.insert_batch(conn, events[4:], origin="test")
+    cols = ("SELECT bucket_ms, analytics_model, status_code, failure_type, requests, failures, total_tokens, "
+            "first_ms, last_ms, last_failure_ms FROM {} ORDER BY 1, 2, 3")
+    hours = conn.execute(cols.format("rollup_account_model_failure_hour")).fetchall()
+    assert hours == [
+        (T0, "gpt-5.4", 200, "none", 2, 0, 20, T0 + 1_000, T0 + 2_000, None),
+        (T0, "gpt-5.4", 429, "quota", 2, 2, 20, T0 + 3_000, T0 + 4_000, T0 + 4_000),
+        (T0, "gpt-5.4", 503, "upstream", 1, 1, 10, T0 + 5_000, T0 + 5_000, T0 + 5_000),
+        (T0, "gpt-5.5", 429, "quota", 1, 1, 10, T0 + 6_000, T0 + 6_000, T0 + 6_000),
+        (T0 + HOUR, "gpt-5.4", 429, "quota", 1, 1, 10, T0 + HOUR + 1, T0 + HOUR + 1, T0 + HOUR + 1),
+    ]
+    day = T0 - T0 % DAY
+    assert conn.execute(cols.format("rollup_account_model_failure_day")).fetchall() == [
+        (day, "gpt-5.4", 200, "none", 2, 0, 20, T0 + 1_000, T0 + 2_000, None),
+        (day, "gpt-5.4", 429, "quota", 3, 3, 30, T0 + 3_000, T0 + HOUR + 1, T0 + HOUR + 1),
+        (day, "gpt-5.4", 503, "upstream", 1, 1, 10, T0 + 5_000, T0 + 5_000, T0 + 5_000),
+        (day, "gpt-5.5", 429, "quota", 1, 1, 10, T0 + 6_000, T0 + 6_000, T0 + 6_000),
+    ]
+    assert {r[0] for r in conn.execute("SELECT DISTINCT status_class || '/' || provider || '/' || account_key "
+                                       "FROM rollup_account_model_failure_day")} == {
+        "success/codex/acct-a", "4xx/codex/acct-a", "5xx/codex/acct-a"}
+    incremental = snapshot(conn)
+    remigrate_from(conn, 8)
+    assert snapshot(conn) == incremental
+
+
+def test_step_9_backfill_equals_incremental_on_random_events(conn):
+    insert(conn, random_events(1500, seed=11))
+    incremental = snapshot(conn)
+    remigrate_from(conn, 8)
+    assert snapshot(conn) == incremental
+    assert_matches_raw(conn)
+    assert conn.execute("SELECT sum(requests) FROM rollup_account_model_failure_day").get == 1500
 
 
 def test_upsert_params_single_and_grouped_keys_by_hand():
@@ -349,6 +398,6 @@ def test_backfill_and_rebuild_in_small_slices_equal_incremental(conn, monkeypatc
     incremental = snapshot(conn)
     assert rollup.rebuild(conn) == 600
     assert snapshot(conn) == incremental
-    remigrate_from_step_5(conn)
+    remigrate_from(conn, 5)
     assert snapshot(conn) == incremental
     assert conn.execute("SELECT sum(requests) FROM rollup_api_key_sets_day").get == 600
