@@ -11,12 +11,13 @@ latency/TTFT percentiles within 1 % (merged sketches with the raw edges added).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
 
 from datasource import query, query_plan, store
-from datasource.db import open_database
+from datasource.db import ACCOUNT_INDEXED, open_database
 from datasource.filters import clauses_from_adhoc, clauses_from_payload
 from datasource.ingest import Ingestor
 from datasource.model import TargetSpec
@@ -417,3 +418,48 @@ def test_memo_never_serves_stale_data_after_a_write(tmp_path, traffic):
     after = query.execute(conn, spec)[0].fields[1].values
     assert after == query.execute(conn, spec, rollups=False)[0].fields[1].values
     assert after != before
+
+
+def _plans_of_reads(conn, fn) -> dict[str, str]:
+    """The query plan of every statement `fn` runs on a rollup table: table -> plan text."""
+    seen: list[tuple[str, Any]] = []
+
+    def trace(cursor, sql, bindings):
+        seen.append((sql, bindings))
+        return True
+
+    conn.exec_trace = trace
+    try:
+        fn()
+    finally:
+        conn.exec_trace = None
+    out = {}
+    for sql, bindings in seen:
+        table = next((t for t in ACCOUNT_INDEXED if f"FROM {t} " in sql), None)
+        if table:
+            plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}", bindings).fetchall()
+            out[table] = " / ".join(row[3] for row in plan)
+    return out
+
+
+def test_account_filtered_rollup_reads_seek_the_account_index(db, filters):
+    """Schema step 9's (account_key, bucket_ms) indexes: a read filtered by account seeks the
+    account's rows; an unfiltered grouped read keeps the bucket range of the primary key."""
+    lo, hi = RANGES["2.5d"]
+    acct_model = clauses_from_payload(filters["account+model"])
+    reader = query_plan.Reader(db, acct_model)
+    plans = _plans_of_reads(db, lambda: (reader.sums(lo, hi), reader.sums(lo, hi, ("failure_type",)),
+                                         reader.sums(lo, hi, ("status_class",)),
+                                         reader.distinct("api_key_hash", lo, hi, "")))
+    assert set(plans) == {"rollup_account_model_latency_hour", "rollup_account_model_failure_hour",
+                          "rollup_account_hour", "rollup_api_key_day"}
+    for table, plan in plans.items():
+        assert re.search(rf"USING (COVERING )?INDEX {table}_account \(account_key=\? AND bucket_ms>\? AND "
+                         r"bucket_ms<\?\)", plan), plan
+    unfiltered = query_plan.Reader(db, ())
+    plans = _plans_of_reads(db, lambda: unfiltered.sums(lo, hi, ("instance", "account_key")))
+    assert plans and all("USING PRIMARY KEY (bucket_ms>? AND bucket_ms<?)" in p for p in plans.values()), plans
+    # the filtered answers are the raw path's
+    raw = query_plan.Reader(db, acct_model, rollups=False)
+    assert reader.sums(lo, hi, ("failure_type",)) == raw.sums(lo, hi, ("failure_type",))
+    assert reader.distinct("api_key_hash", lo, hi, "") == raw.distinct("api_key_hash", lo, hi, "")

@@ -9,6 +9,7 @@ import apsw
 import pytest
 
 from datasource import rollup, store
+from datasource.db import ACCOUNT_INDEXED
 from datasource.model import Normalized
 from datasource.sketch import Sketch, SketchError
 from datasource.sketch import bucket_index as sketch_index
@@ -279,6 +280,9 @@ def remigrate_from(conn, step: int) -> None:
             if later > step:
                 for table in tables:
                     conn.execute(f"DROP TABLE {table}")
+        if step < 9:  # step 9 also indexed older tables
+            for table in ACCOUNT_INDEXED:
+                conn.execute(f"DROP INDEX IF EXISTS {table}_account")
         conn.pragma("user_version", step)
     assert migrate(conn) == SCHEMA_VERSION
 
@@ -360,6 +364,12 @@ def test_step_9_backfill_equals_incremental_on_random_events(conn):
     assert snapshot(conn) == incremental
     assert_matches_raw(conn)
     assert conn.execute("SELECT sum(requests) FROM rollup_account_model_failure_day").get == 1500
+    # the upgrade indexed the hourly account tables and rollup_api_key_day by account, and analyzed them
+    indexes = {r[0]: r[1] for r in conn.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' "
+                                                "AND name LIKE 'rollup_%_account'")}
+    assert indexes == {f"{t}_account": t for t in ACCOUNT_INDEXED}
+    analyzed = {r[0] for r in conn.execute("SELECT idx FROM sqlite_stat1")}
+    assert set(indexes) <= analyzed
 
 
 def test_upsert_params_single_and_grouped_keys_by_hand():
