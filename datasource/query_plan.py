@@ -22,6 +22,7 @@ merge the rollup sketches and add the raw edges' values to the merged sketch (1 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -438,7 +439,8 @@ class Reader:
         p = self.plan(from_ms, to_ms, group, sketches=True, step=step)
         out.approximate = p.uses_rollups
         width = len(group) + (1 if step is not None else 0)
-        for piece in p.pieces:
+        # the longest rollup piece first: its cached bins are copied whole, later pieces merge in
+        for piece in sorted(p.pieces, key=lambda pc: (pc.table == RAW, pc.from_ms - pc.to_ms)):
             where, params = p.where(piece, self.clauses)
             sel, _ = _select(piece, group, step)
             head = [step] if step is not None else []
@@ -467,18 +469,49 @@ class Reader:
                         else:
                             vals.extend([row[width]] * row[width + 1])
             else:
-                blob = "latency_sketch" if column == "latency_ms" else "ttft_sketch"
-                sql = f"SELECT {lead}{blob} FROM {piece.table} WHERE {where} AND {blob} IS NOT NULL"
-                for row in self.conn.execute(sql, (*head, *params)):
-                    key = tuple(row[:width])
+                for key, bins in self._piece_bins(piece, where, params, column, lead, head, width).items():
                     target = out.sketches.get(key)
                     if target is None:
                         target = out.sketches[key] = Sketch()
-                    for i, c in decoded(row[width]).items():
-                        target.bins[i] = target.bins.get(i, 0) + c
+                        target.bins = dict(bins)  # a copy: the cached bins stay as they are
+                    else:
+                        into = target.bins
+                        for i, c in bins.items():
+                            into[i] = into.get(i, 0) + c
                     target.count = -1  # recomputed in finish()
         out.finish()
         return out
+
+    def _piece_bins(self, piece: Piece, where: str, params: list[Any], column: str, lead: str,
+                    head: list[Any], width: int) -> dict[tuple, dict[int, int]]:
+        """Group key -> merged sketch bins of one rollup piece; the caller must not modify them.
+
+        Kept across requests (`PIECES`) while the piece's rows are unchanged, which a fingerprint
+        read with them checks: a row's sketch only ever changes by gaining samples, which also
+        moves its `*_samples` count, so equal (rows, samples, requests, first and last time)
+        sums over the same rows mean equal sketches. Whole past hours and days rarely change, so
+        a 30-day refresh merges its ~5,000 account x day blobs once, not on every refresh.
+        """
+        blob, samples = (("latency_sketch", "latency_samples") if column == "latency_ms"
+                         else ("ttft_sketch", "ttft_samples"))
+        cache_key = (self.conn.filename, piece.table, blob, lead, where, *head, *params)
+        fingerprint = tuple(self.conn.execute(
+            f"SELECT count(*), total({samples}), total(requests), min(first_ms), max(last_ms) "
+            f"FROM {piece.table} WHERE {where}", params).fetchone())
+        hit = PIECES.get(cache_key, fingerprint)
+        if hit is not None:
+            return hit
+        merged: dict[tuple, dict[int, int]] = {}
+        sql = f"SELECT {lead}{blob} FROM {piece.table} WHERE {where} AND {blob} IS NOT NULL"
+        for row in self.conn.execute(sql, (*head, *params)):
+            key = tuple(row[:width])
+            into = merged.get(key)
+            if into is None:
+                into = merged[key] = {}
+            for i, c in decoded(row[width]).items():
+                into[i] = into.get(i, 0) + c
+        PIECES.put(cache_key, fingerprint, merged)
+        return merged
 
     def exact_series(self, column: str, from_ms: int, to_ms: int, step: int, pct: int) -> dict[int, Any] | None:
         """Nearest-rank percentile per time bucket computed inside SQLite (one row per bucket and
@@ -600,6 +633,45 @@ class Distributions:
 # dashboard refresh merges cached bins instead of decoding ~1,500 blobs (30 days) again.
 _DECODED: dict[bytes, dict[int, int]] = {}
 DECODED_MAX = 4096
+
+
+class PieceCache:
+    """Merged sketch bins per rollup piece (Reader._piece_bins): key -> (fingerprint, bins by group).
+
+    Bounded by the bins held (a bin costs ~100 bytes as a dict entry and its ints); the oldest
+    entries go first, and one piece may take at most a quarter of the budget.
+    """
+
+    def __init__(self, max_bins: int) -> None:
+        self.max_bins = max_bins
+        self._items: dict[tuple, tuple[tuple, dict[tuple, dict[int, int]], int]] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, fingerprint: tuple) -> dict[tuple, dict[int, int]] | None:
+        hit = self._items.get(key)
+        return hit[1] if hit is not None and hit[0] == fingerprint else None
+
+    def put(self, key: tuple, fingerprint: tuple, merged: dict[tuple, dict[int, int]]) -> None:
+        size = sum(len(b) for b in merged.values())
+        if size > self.max_bins // 4:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._held -= old[2]
+            while self._items and self._held + size > self.max_bins:
+                self._held -= self._items.pop(next(iter(self._items)))[2]
+            self._items[key] = (fingerprint, merged, size)
+            self._held += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._held = 0
+
+
+PIECES = PieceCache(300_000)
 
 
 def decoded(blob: bytes) -> dict[int, int]:
