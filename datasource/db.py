@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 from typing import Callable
@@ -87,7 +88,7 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
         conn.close()
         return _immutable(path, busy_timeout_ms)
     if not readonly:
-        conn.pragma("journal_mode", "wal")
+        _wal(conn, busy_timeout_ms)
         conn.pragma("synchronous", "NORMAL")
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
         if not conn.readonly("main"):  # SQLite opens a file it cannot write read-only, silently
@@ -96,6 +97,29 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
     # threads a read connection (8 threads x 32 MiB pushed the service past 300 MB RSS).
     conn.pragma("cache_size", -(READER_CACHE_KIB if readonly else WRITER_CACHE_KIB))
     return conn
+
+
+def _wal(conn: apsw.Connection, busy_timeout_ms: int) -> None:
+    """`journal_mode = wal`, retried within the busy timeout.
+
+    On a file still in rollback mode (a brand-new database) the switch needs the exclusive lock,
+    and while another connection holds the write lock SQLite answers BUSY at once rather than
+    calling the busy handler (it would deadlock: this statement already holds a read lock), so
+    two processes opening a new database at once could fail (seen in CI: a second connection
+    opened while the service migrated the file it had just created). The statement is retried,
+    its read lock released in between. A file already in WAL mode only reads the setting.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.002
+    while True:
+        try:
+            conn.pragma("journal_mode", "wal")
+            return
+        except apsw.BusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def _immutable(path: str, busy_timeout_ms: int) -> apsw.Connection:

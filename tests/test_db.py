@@ -1,3 +1,6 @@
+import threading
+import time
+
 import apsw
 import pytest
 
@@ -9,6 +12,46 @@ def test_fresh_database_is_wal_with_foreign_keys(db_path):
     assert conn.pragma("journal_mode") == "wal"
     assert conn.pragma("foreign_keys") == 1
     assert conn.pragma("user_version") == SCHEMA_VERSION
+
+
+def _hold_write_lock_on_a_new_rollback_file(path: str, seconds: float) -> threading.Thread:
+    """A plain connection creates `path` (rollback journal, as SQLite makes new files), takes the
+    write lock and keeps it for `seconds` in a thread."""
+    holder = apsw.Connection(path)
+    holder.execute("CREATE TABLE t(x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+    assert holder.pragma("journal_mode") == "delete"
+
+    def release():
+        time.sleep(seconds)
+        holder.execute("COMMIT")
+        holder.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_switching_a_new_file_to_wal_waits_for_another_writer(db_path):
+    """SQLite answers the WAL switch BUSY at once (no busy handler) while another connection
+    writes a rollback-mode file; connect() retries within its busy timeout."""
+    thread = _hold_write_lock_on_a_new_rollback_file(db_path, 0.3)
+    start = time.monotonic()
+    conn = connect(db_path, busy_timeout_ms=3000)
+    waited = time.monotonic() - start
+    thread.join()
+    assert conn.pragma("journal_mode") == "wal"
+    assert 0.25 <= waited < 2.0
+    assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]  # the other writer's row, committed
+
+
+def test_switching_to_wal_gives_up_after_the_busy_timeout(db_path):
+    thread = _hold_write_lock_on_a_new_rollback_file(db_path, 1.5)
+    start = time.monotonic()
+    with pytest.raises(apsw.BusyError):
+        connect(db_path, busy_timeout_ms=200)
+    waited = time.monotonic() - start
+    thread.join()
+    assert 0.2 <= waited < 1.0
 
 
 def test_migrate_is_idempotent(db_path):
