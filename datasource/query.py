@@ -1,7 +1,7 @@
 """Read side entry point: every target, variable and tag lookup, each under a query limit.
 
 `execute()` answers one parsed Grafana target with data frames. Every statement runs
-under `apsw.ext.query_limit` (time and rows); a limit hit or `apsw.BusyError` becomes
+under a time and row limit (`_limited`); a limit hit or `apsw.BusyError` becomes
 `model.Unavailable` (a 503), a bad payload value `model.BadRequest` (a 400).
 The computations live in query_*.py modules; this module owns apsw.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import apsw
-import apsw.ext
 
 from datasource import filters, query_catalog
 from datasource.model import BadRequest, Clause, Frame, TargetSpec, Unavailable
@@ -65,12 +65,45 @@ def prepare(conn: apsw.Connection) -> None:
         _registered.add(conn)
 
 
+# VM instructions between two looks at the clock. apsw.ext.query_limit looked every 100 and
+# counted rows with a trace_v2 callback: each look and each row took the GIL from inside
+# sqlite3_step, so a statement running while another thread ran Python waited for the GIL
+# again and again (a 24 h Monitoring refresh: ~60 k progress calls and ~30 k trace events).
+# At 20 000 a look comes every few hundred microseconds of SQLite work, far finer than any
+# timeout, and rows are counted as they reach Python, where the GIL is held anyway.
+PROGRESS_STEPS = 20_000
+
+
+class _Limit:
+    """The time and row limits of one `_limited` block: a progress handler and a row tracer."""
+
+    __slots__ = ("deadline", "rows_left", "previous")
+
+    def __init__(self, timeout_s: float, row_limit: int, previous: Any = None) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.rows_left = row_limit
+        self.previous = previous  # a row tracer already set on the connection keeps working
+
+    def progress(self) -> bool:
+        if time.monotonic() >= self.deadline:
+            raise QueryTimeout("query time limit hit")
+        return False
+
+    def row(self, _cursor: apsw.Cursor, row: T) -> T:
+        self.rows_left -= 1
+        if self.rows_left < 0:
+            raise QueryTooLarge("query row limit hit")
+        return row if self.previous is None else self.previous(_cursor, row)
+
+
 def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> T:
     prepare(conn)
+    previous = conn.row_trace
+    limit = _Limit(timeout_s, ROW_LIMIT, previous)
+    conn.set_progress_handler(limit.progress, PROGRESS_STEPS, id=_Limit)
+    conn.row_trace = limit.row
     try:
-        with apsw.ext.query_limit(conn, row_limit=ROW_LIMIT, timeout=timeout_s,
-                                  row_exception=QueryTooLarge, timeout_exception=QueryTimeout):
-            return work()
+        return work()
     except QueryTimeout:
         raise Unavailable(f"query took longer than {timeout_s:g} s; narrow the time range or filters") from None
     except QueryTooLarge:
@@ -81,6 +114,9 @@ def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> 
         if "regex" in str(exc).lower():
             raise BadRequest(f"regex filter failed: {exc}") from None
         raise
+    finally:
+        conn.set_progress_handler(None, id=_Limit)
+        conn.row_trace = previous
 
 
 # Targets whose answer depends only on the spec's window, filters and payload (not on now):

@@ -146,6 +146,36 @@ def test_query_limit_turns_into_unavailable(db):
             query.ROW_LIMIT = old
 
 
+def test_query_limit_counts_rows_across_the_block_and_leaves_nothing_behind(db, monkeypatch):
+    ids = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id LIMIT 4")]
+    assert len(ids) == 4
+    two = "SELECT id FROM events ORDER BY id LIMIT 2"
+    monkeypatch.setattr(query, "ROW_LIMIT", 3)
+    # 2 + 2 rows in one block: over a limit of 3, like apsw.ext.query_limit (rows of all its statements)
+    with pytest.raises(Unavailable, match="more than 3 rows"):
+        query._limited(db, 5.0, lambda: [db.execute(two).fetchall() for _ in range(2)])
+    # each block has its own count, and the handler and row tracer are gone after a block
+    assert query._limited(db, 5.0, lambda: db.execute(two).fetchall()) == [(ids[0],), (ids[1],)]
+    assert query._limited(db, 5.0, lambda: db.execute(two).fetchall()) == [(ids[0],), (ids[1],)]
+    assert db.row_trace is None
+    assert db.execute("SELECT id FROM events ORDER BY id").fetchall()[:4] == [(i,) for i in ids]
+    # a row tracer set by the caller still sees (and may change) the rows, and is restored
+    seen = []
+    db.row_trace = lambda cursor, row: seen.append(row) or (row[0] * 10,)
+    try:
+        assert query._limited(db, 5.0, lambda: db.execute(two).fetchall()) == [(ids[0] * 10,), (ids[1] * 10,)]
+        assert seen == [(ids[0],), (ids[1],)]
+        assert db.execute("SELECT 7").fetchall() == [(70,)] and seen[-1] == (7,)
+    finally:
+        db.row_trace = None
+    # after a timeout the connection answers the next block at once
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    with pytest.raises(Unavailable, match="longer than"):
+        query._limited(db, 0.05, lambda: db.execute(endless).fetchall())
+    assert query._limited(db, 5.0, lambda: db.execute("SELECT count(*) FROM events").fetchone()) == (
+        db.execute("SELECT count(*) FROM events").fetchone())
+
+
 def test_busy_database_is_unavailable(db):
     import apsw
 
