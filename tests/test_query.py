@@ -201,6 +201,42 @@ def test_timeseries_split_top_n_with_other(db):
     assert cols["other"][2] == pytest.approx(6000, rel=0.01)
 
 
+def test_timeseries_split_read_raw_once_same_answer(db):
+    """A split series only raw events answer (rollups off here; at 24 h on 10 M: account + model
+    filters) ranks and folds from one read of the events, with the hand-counted values above."""
+    statements = []
+    db.exec_trace = lambda cursor, sql, bindings: statements.append(sql) or True
+    try:
+        [frame] = query.execute(db, spec("timeseries", {"measure": "requests", "split_by": "account", "top": 1}),
+                                rollups=False)
+    finally:
+        db.exec_trace = None
+    cols = columns(frame)
+    assert list(cols) == ["time", "alice@example.com", "other"]
+    assert (cols["alice@example.com"], cols["other"]) == ([2, 1, 0, 1], [0, 2, 3, 1])
+    assert frame.fields[1].labels == {"account": "alice@example.com"}
+    assert sum(1 for sql in statements if " FROM events " in sql and "GROUP BY" in sql) == 1
+    [frame] = query.execute(db, spec("timeseries", {"measure": "requests", "split_by": "status_class"}), rollups=False)
+    cols = columns(frame)
+    assert list(cols) == ["time", "failed", "success", "unusual"]
+    assert (cols["failed"], cols["success"], cols["unusual"]) == ([0, 2, 2, 1], [2, 1, 1, 0], [0, 0, 0, 1])
+    # a ratio ranks by requests; top 2 of failed (5) / success (4) / unusual (1): unusual is `other`
+    [frame] = query.execute(db, spec("timeseries", {"measure": "failure_rate", "split_by": "status_class",
+                                                    "top": 2}), rollups=False)
+    cols = columns(frame)
+    assert list(cols) == ["time", "failed", "success", "other"]
+    assert cols["failed"] == [None, 1.0, 1.0, 1.0] and cols["success"] == [0.0, 0.0, 0.0, None]
+    assert cols["other"] == [None, None, None, 0.0]
+    # every answer equals the rollup path's (rank from rollups, fold in SQL)
+    for payload in ({"measure": "requests", "split_by": "account", "top": 1},
+                    {"measure": "failure_rate", "split_by": "status_class", "top": 2},
+                    {"measure": "cost", "split_by": "model", "top": 1},
+                    {"measure": "tokens", "split_by": "status_code", "top": 2}):
+        [raw] = query.execute(db, spec("timeseries", payload), rollups=False)
+        [rolled] = query.execute(db, spec("timeseries", payload))
+        assert [(f.name, f.values, f.labels) for f in raw.fields] == [(f.name, f.values, f.labels) for f in rolled.fields]
+
+
 def test_timeseries_bad_payload(db):
     from datasource.model import BadRequest
     for payload in ({"measure": "nope"}, {"split_by": "email"}, {"top": "x"}, {"top": 0}):
