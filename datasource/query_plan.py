@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from datasource import filters, rollup, sketch
 from datasource.model import Clause
@@ -36,6 +36,7 @@ HOUR = rollup.HOUR_MS
 DAY = rollup.DAY_MS
 GRAIN_SUFFIX = {FIVE_MIN: "_5m", HOUR: "_hour", DAY: "_day"}
 RAW = ""  # Piece.table for raw events
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +356,59 @@ def _memo_put(conn: Any, key: tuple, value: Any) -> None:
     _memo[_memo_key(conn, key)] = (now, value)
 
 
+# Time series read from raw events and grouped by status dims only (Monitoring's requests by
+# status class, success rate, failures by failure type and by status code: at 24 h filtered by
+# account and model, each scanned the same ~31 k events of the 10 M dataset, ~50 ms a scan) share
+# one read grouped by all four dims with every measure (~1.2x one scan), folded in Python: the
+# same integers (sums add, maxes take the max). Shared only while it is being read, like
+# identical targets in query.execute: nothing is kept once it is answered.
+STATUS_DIMS = ("status_class", "status_code", "failed", "failure_type")
+_STATUS_SET = frozenset(STATUS_DIMS)
+SHARE_STATUS_SERIES = True
+
+
+class _Shared:
+    __slots__ = ("done", "event", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.event = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_shared: dict[tuple, _Shared] = {}
+_shared_lock = threading.Lock()
+SHARED_WAIT_S = 60.0
+
+
+def shared(key: tuple, compute: Callable[[], T]) -> T:
+    """compute(), or the result of the same key's computation already running in another thread."""
+    with _shared_lock:
+        flight = _shared.get(key)
+        leader = flight is None
+        if leader:
+            flight = _shared[key] = _Shared()
+    if not leader:
+        flight.event.wait(SHARED_WAIT_S)
+        if flight.done:
+            if flight.error is not None:
+                raise flight.error
+            return flight.result
+        return compute()
+    try:
+        flight.result = compute()
+        return flight.result
+    except BaseException as exc:
+        flight.error = exc
+        raise
+    finally:
+        with _shared_lock:
+            _shared.pop(key, None)
+        flight.done = True
+        flight.event.set()
+
+
 # A raw piece up to this long is scanned for distinct keys; longer ones seek per key.
 SCAN_DISTINCT_MS = 2 * HOUR
 
@@ -394,6 +448,10 @@ class Reader:
         p = self.plan(from_ms, to_ms, group, step=step)
         for piece in p.pieces:
             where, params = p.where(piece, self.clauses)
+            if (piece.table == RAW and step is not None and keep is None and SHARE_STATUS_SERIES
+                    and self.conn.filename and set(group) <= _STATUS_SET):
+                self._fold_status(out, where, params, group, step, measures)
+                continue
             sel, by = _select(piece, group, step, keep is not None)
             table = "events" if piece.table == RAW else piece.table
             chosen = raw_measures if piece.table == RAW else rollup_measures
@@ -417,6 +475,31 @@ class Reader:
                 else:
                     add_into(have, row[width:], measures)
         return out
+
+    def _fold_status(self, out: dict[tuple, list[Any]], where: str, params: list[Any], group: Sequence[str],
+                     step: int, measures: Sequence[str]) -> None:
+        """A raw piece's time buckets grouped by status dims only, from the status superset
+        (every measure by bucket x STATUS_DIMS), read once for the panels asking at the same time."""
+        key = (self.conn.filename, where, tuple(params), step)
+        rows = shared(key, lambda: self._status_superset(where, params, step))
+        pick = [1 + STATUS_DIMS.index(g) for g in group]
+        at = [IDX[m] for m in measures]
+        for full, values in rows.items():
+            k = (full[0], *(full[i] for i in pick))
+            sel = [values[i] for i in at]
+            have = out.get(k)
+            if have is None:
+                out[k] = sel
+            else:
+                add_into(have, sel, measures)
+
+    def _status_superset(self, where: str, params: list[Any], step: int) -> dict[tuple, tuple]:
+        exprs = ", ".join(GROUPS[d][0] for d in STATUS_DIMS)
+        by = ", ".join(str(i + 1) for i in range(len(STATUS_DIMS) + 1))
+        measures = ", ".join(RAW_EXPR[m] for m in ALL)
+        sql = f"SELECT ts_ms - (ts_ms % ?), {exprs}, {measures} FROM events WHERE {where} GROUP BY {by}"
+        width = len(STATUS_DIMS) + 1
+        return {tuple(row[:width]): tuple(row[width:]) for row in self.conn.execute(sql, (step, *params))}
 
     def distribution(self, column: str, from_ms: int, to_ms: int, group: Sequence[str] = (), *,
                      step: int | None = None) -> "Distributions":

@@ -165,3 +165,54 @@ def test_debug_log_of_a_served_collector_holds_no_key_or_token(tmp_path):
     assert "DEBUG" in text and "auth failed: wrong credentials (scheme other)" in text
     for secret in (key, TOKEN, "e2eLEAK-guess", "e2eLEAK-bare"):
         assert secret not in text, secret
+
+
+def test_status_series_panels_posted_together_answer_as_alone(tmp_path):
+    """Four Monitoring-style series grouped by status dims, 1-minute buckets (raw events: they
+    share one read while it runs), posted at once and one by one: hand-counted answers both ways.
+    Runs this checkout's code (python -m datasource from the repository root)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = str(tmp_path / "monitor.db")
+    assert ingest(db, EVENTS) == 5
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "datasource", "serve", "--db", db, "--bind", f"127.0.0.1:{port}",
+                             "--api-token", TOKEN, "--collector", "off", "--threads", "8"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, tmp_path / "serve.log")
+        payloads = [{"measure": "requests", "split_by": "status_class"}, {"measure": "success_rate"},
+                    {"measure": "failures", "split_by": "failure_type"},
+                    {"measure": "failures", "split_by": "status_code"}]
+        bodies = [{"range": {"from": "2026-11-28T00:00:00.000Z", "to": "2026-11-28T06:00:00.000Z"},
+                   "intervalMs": 60000, "maxDataPoints": 1000,
+                   "targets": [{"refId": "A", "target": "timeseries", "payload": p}]} for p in payloads]
+
+        def series(body):
+            status, frames = call(base + "/query", body)
+            assert status == 200
+            return {f["name"]: f["values"] for f in frames[0]["fields"]}
+
+        alone = [series(b) for b in bodies]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):
+                assert list(pool.map(series, bodies)) == alone
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        log.close()
+
+    def at(values):  # minute -> value where the value is not 0 / None
+        return {i: v for i, v in enumerate(values) if v}
+
+    by_class, rate, by_type, by_code = alone
+    assert by_class["time"] == [DAY + m * 60000 for m in range(360)]
+    assert (at(by_class["success"]), at(by_class["failed"])) == ({10: 1, 30: 1, 300: 1}, {20: 1, 40: 1})
+    assert {i: v for i, v in enumerate(rate["success_rate"]) if v is not None} == {
+        10: 1.0, 20: 0.0, 30: 1.0, 40: 0.0, 300: 1.0}
+    assert list(by_type)[1:] == ["rate_limit", "upstream", "none"]  # r2 429, r4 500; by failures, then requests
+    assert (at(by_type["rate_limit"]), at(by_type["upstream"]), at(by_type["none"])) == ({20: 1}, {40: 1}, {})
+    assert list(by_code)[1:] == ["429", "500", "200"]
+    assert (at(by_code["429"]), at(by_code["500"]), at(by_code["200"])) == ({20: 1}, {40: 1}, {})

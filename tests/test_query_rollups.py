@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
 import pytest
@@ -463,3 +464,112 @@ def test_account_filtered_rollup_reads_seek_the_account_index(db, filters):
     raw = query_plan.Reader(db, acct_model, rollups=False)
     assert reader.sums(lo, hi, ("failure_type",)) == raw.sums(lo, hi, ("failure_type",))
     assert reader.distinct("api_key_hash", lo, hi, "") == raw.distinct("api_key_hash", lo, hi, "")
+
+
+def _status_sums(conn, clauses, rng, group, step, rollups):
+    reader = query_plan.Reader(conn, clauses, rollups)
+    return reader.sums(rng[0], rng[1], group, step=step)
+
+
+def test_status_series_superset_equals_separate_reads(db, filters, monkeypatch):
+    """Raw time buckets grouped by status dims only come from one read grouped by all four dims
+    and folded in Python: the same integers (and maxes) as reading each grouping on its own."""
+    import itertools
+
+    groups = [g for n in range(3) for g in itertools.combinations(query_plan.STATUS_DIMS, n)]
+    groups.append(query_plan.STATUS_DIMS)
+    checked = 0
+    for fname in ("none", "model", "status-failed", "provider", "account-label"):
+        filt = filters[fname]
+        clauses = clauses_from_adhoc(filt) if isinstance(filt, list) else clauses_from_payload(filt)
+        for rng_name, step, rollups in (("5h-unaligned", 420_000, True), ("30h-midnight", 300_000, False),
+                                        ("30h-midnight", 300_000, True), ("2.5d", 3 * HOUR, False)):
+            for group in groups:
+                monkeypatch.setattr(query_plan, "SHARE_STATUS_SERIES", False)
+                alone = _status_sums(db, clauses, RANGES[rng_name], group, step, rollups)
+                monkeypatch.setattr(query_plan, "SHARE_STATUS_SERIES", True)
+                folded = _status_sums(db, clauses, RANGES[rng_name], group, step, rollups)
+                assert folded == alone, (fname, rng_name, group)
+                checked += bool(alone)
+    assert checked > 100
+
+
+class _CountingEvent:
+    """threading.Event whose waiters are counted (to know the followers are waiting)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.inner, self.waiting, self.lock = threading.Event(), 0, threading.Lock()
+
+    def wait(self, timeout=None):
+        with self.lock:
+            self.waiting += 1
+        return self.inner.wait(timeout)
+
+    def set(self) -> None:
+        self.inner.set()
+
+
+def test_status_series_read_once_for_readers_asking_at_the_same_time(db, filters, monkeypatch):
+    """Three threads, each with its own read connection, ask for status-grouped raw buckets while
+    the first read is running: one superset statement runs, and every answer is the unshared one."""
+    import threading
+
+    from datasource.db import connect
+
+    clauses = clauses_from_payload(filters["model"])
+    rng, step = RANGES["30h-midnight"], 300_000
+    groups = [("status_class",), ("failure_type",), ()]
+    monkeypatch.setattr(query_plan, "SHARE_STATUS_SERIES", False)
+    expected = [_status_sums(db, clauses, rng, g, step, False) for g in groups]
+    monkeypatch.setattr(query_plan, "SHARE_STATUS_SERIES", True)
+    events: list[_CountingEvent] = []
+
+    class Shared(query_plan._Shared):
+        def __init__(self) -> None:
+            super().__init__()
+            self.event = _CountingEvent()
+            events.append(self.event)
+
+    monkeypatch.setattr(query_plan, "_Shared", Shared)
+    reads, inside, release = [], threading.Event(), threading.Event()
+    original = query_plan.Reader._status_superset
+
+    def held(self, where, params, step):
+        reads.append(threading.get_ident())
+        out = original(self, where, params, step)
+        inside.set()
+        release.wait(10)
+        return out
+
+    monkeypatch.setattr(query_plan.Reader, "_status_superset", held)
+    path = db.filename
+    results: dict[int, Any] = {}
+
+    def ask(i: int) -> None:
+        conn = connect(path, readonly=True)
+        try:
+            results[i] = _status_sums(conn, clauses, rng, groups[i], step, False)
+        finally:
+            conn.close()
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    assert inside.wait(10)
+    others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while events[0].waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(reads) == 1 and events[0].waiting == 2
+    assert [results[i] for i in range(3)] == expected
+    assert query_plan._shared == {}  # nothing kept once answered
+    # asked again afterwards: read again (no result outlives its read)
+    reads.clear()
+    release.set()
+    assert _status_sums(db, clauses, rng, groups[0], step, False) == expected[0] and len(reads) == 1
