@@ -673,6 +673,9 @@ class Distributions:
     values: dict[tuple, list[float]] = field(default_factory=dict)
     sketches: dict[tuple, Sketch] = field(default_factory=dict)
     approximate: bool = False
+    # p50/p95/p99 of a sketch, computed together: a latency panel's three targets each ask one
+    # of them for every bucket of the same (memoised) distributions.
+    _standard: dict[tuple, dict[int, float | None]] = field(default_factory=dict, repr=False)
 
     def finish(self) -> None:
         for sk in self.sketches.values():
@@ -704,7 +707,14 @@ class Distributions:
     def percentiles(self, key: tuple, pcts: Sequence[int]) -> list[float | None]:
         if key in self.sketches:
             sk = self.sketches[key]
-            return sk.quantiles([p / 100 for p in pcts]) if sk.count else [None] * len(pcts)
+            if not sk.count:
+                return [None] * len(pcts)
+            if not all(p in STANDARD_PCTS for p in pcts):
+                return sk.quantiles([p / 100 for p in pcts])
+            found = self._standard.get(key)
+            if found is None:
+                found = self._standard[key] = dict(zip(STANDARD_PCTS, sk.quantiles([p / 100 for p in STANDARD_PCTS])))
+            return [found[p] for p in pcts]
         vals = self.values.get(key)
         if not vals:
             return [None] * len(pcts)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from datasource import query, query_plan, store
+from datasource import query, query_plan, sketch, store
 from datasource.db import ACCOUNT_INDEXED, open_database
 from datasource.filters import clauses_from_adhoc, clauses_from_payload
 from datasource.ingest import Ingestor
@@ -573,3 +573,20 @@ def test_status_series_read_once_for_readers_asking_at_the_same_time(db, filters
     reads.clear()
     release.set()
     assert _status_sums(db, clauses, rng, groups[0], step, False) == expected[0] and len(reads) == 1
+
+
+def test_standard_percentiles_of_a_sketch_computed_together_equal_one_at_a_time(db):
+    """p50/p95/p99 of a bucket are computed once for the three targets of a latency panel: each
+    equals that quantile of the merged sketch asked alone, in any order, with others too."""
+    reader = query_plan.Reader(db, (), True)
+    lo, hi = RANGES["30h-midnight"]
+    dist = reader._distribution("latency_ms", lo, hi, (), step=300_000)
+    assert dist.approximate and len(dist.sketches) > 50
+    for key in sorted(dist.sketches)[:60]:
+        sk = dist.sketches[key]
+        alone = {p: sketch.Sketch(sk.bins).quantiles([p / 100])[0] for p in (50, 90, 95, 99)}
+        assert dist.percentiles(key, [99]) == [alone[99]]
+        assert dist.percentiles(key, [50, 95]) == [alone[50], alone[95]]
+        assert dist.percentiles(key, [90, 99]) == [alone[90], alone[99]]
+        assert dist.percentiles(key, (50, 95, 99)) == [alone[50], alone[95], alone[99]]
+    assert dist.percentiles(("no such bucket",), [50]) == [None]
