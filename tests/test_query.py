@@ -375,8 +375,10 @@ def test_account_quota_seek_uses_the_partial_quota_index(db, where):
     from datasource.query_tables import QUOTA_SQL
 
     sql = QUOTA_SQL.format(where=where)
-    params = [T10, T10 + 60 * MIN, *(["codex"] if "provider" in where else []), "default", A]
+    # one statement for every account: [instance, account key, unused time] per account
+    accounts = json.dumps([["default", A, None], ["default", "no-such-account", None]])
+    params = [accounts, T10, T10 + 60 * MIN, *(["codex"] if "provider" in where else [])]
     db.execute("ANALYZE")
     plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "USING INDEX events_quota_account_ts" in plan
-    assert db.execute(sql, params).fetchall() == [("plus", 100.0, T10 + 75 * MIN)]
+    assert db.execute(sql, params).fetchall() == [("default", A, "plus", 100.0, T10 + 75 * MIN)]
