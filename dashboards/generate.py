@@ -152,7 +152,9 @@ def usage() -> dict[str, Any]:
         timeseries("Est. cost by API key", [target("A", "timeseries", V, measure="cost", split_by="api_key")],
                    "currencyUSD", w=8, stack=True),
         timeseries("Est. cost by account", [target("A", "timeseries", V, measure="cost", split_by="account")],
-                   "currencyUSD", w=8, stack=True),
+                   "currencyUSD", w=8, stack=True, min_interval="1h",
+                   description="Hourly buckets at least: the account rollups are hourly and daily, so "
+                               "5-minute buckets of 100 accounts would read every raw event of the range."),
         timeseries("Est. cost by provider", [target("A", "timeseries", V, measure="cost", split_by="provider")],
                    "currencyUSD", w=8, stack=True),
         timeseries("Cache hit rate", [target("A", "timeseries", V, measure="cache_hit_rate")], "percentunit",

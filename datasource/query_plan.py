@@ -55,29 +55,30 @@ class Family:
     tables: Mapping[int, str]
     sketches: bool
     rank: int
+    sets: bool = False  # the API-key set tables: usable only where complete (sets_complete_from)
 
 
 def _families() -> tuple[Family, ...]:
     by_dims: dict[tuple[str, ...], dict[int, str]] = {}
     sketches: dict[tuple[str, ...], bool] = {}
+    sets: dict[tuple[str, ...], bool] = {}
     for spec in rollup.SPECS:
-        if spec.sets:  # the API-key set tables are read by query_tables.api_keys only (their own guard)
-            continue
         by_dims.setdefault(spec.dims, {})[spec.grain_ms] = spec.table
         sketches[spec.dims] = spec.sketches
+        sets[spec.dims] = spec.sets
     # Rows per bucket measured on the benchmark shape (docs/performance.md): latency total
     # (instance x status) < latency < traffic < account latency < account x model latency
     # < account failure < account < account x model failure (account's key plus status code
-    # and failure type) < api key.
+    # and failure type) < api key sets (one row per key and bucket) < api key (key x account x model).
     order = ["latency_total", "latency", "traffic", "account_latency", "account_model_latency", "account_failure",
-             "account", "account_model_failure", "api_key"]
+             "account", "account_model_failure", "api_key_sets", "api_key"]
     out = []
     for dims, tables in by_dims.items():
         name = next(iter(tables.values())).removeprefix("rollup_")
         for suffix in GRAIN_SUFFIX.values():
             name = name.removesuffix(suffix)
         rank = order.index(name) if name in order else len(order)
-        out.append(Family(name, frozenset(dims), dict(tables), sketches[dims], rank))
+        out.append(Family(name, frozenset(dims), dict(tables), sketches[dims], rank, sets[dims]))
     return tuple(sorted(out, key=lambda f: f.rank))
 
 
@@ -249,7 +250,7 @@ def plan(conn: Any, clauses: Sequence[Clause], from_ms: int, to_ms: int, dims: I
     if not rollups or not isinstance(tr, Translation) or from_ms >= to_ms:
         return raw
     needed = set(dims) | tr.dims
-    best: tuple[int, int, list[Piece]] | None = None
+    options: list[tuple[int, int, list[Piece], Family]] = []
     for fam in FAMILIES:
         if not needed <= fam.dims or (sketches and not fam.sketches):
             continue
@@ -258,11 +259,39 @@ def plan(conn: Any, clauses: Sequence[Clause], from_ms: int, to_ms: int, dims: I
             continue
         pieces = split_range(from_ms, to_ms, tables)
         raw_ms = sum(p.to_ms - p.from_ms for p in pieces if p.table == RAW)
-        if best is None or (raw_ms, fam.rank) < best[:2]:
-            best = (raw_ms, fam.rank, pieces)
-    if best is None or best[0] == to_ms - from_ms:
-        return raw
-    return Plan(best[2], tr)
+        if raw_ms < to_ms - from_ms:
+            options.append((raw_ms, fam.rank, pieces, fam))
+    for _, _, pieces, fam in sorted(options, key=lambda o: o[:2]):
+        if fam.sets:  # checked only when it would be chosen (two small reads)
+            cut = sets_complete_from(conn)
+            if cut is not None and cut > from_ms:
+                continue
+        return Plan(pieces, tr)
+    return raw
+
+
+def sets_complete_from(conn: Any) -> int | None:
+    """Where the API-key set tables (schema step 8) are complete: None for everywhere, else a UTC
+    day boundary from which on they are.
+
+    Step 8 backfilled them from the events present; days retention had already pruned
+    (wholly, or the first day in part) stay empty there but are whole in the older rollups.
+    Compared on the first day: rollup_traffic_day (every event since step 2) against
+    rollup_api_key_sets_day (its first day and requests).
+    """
+    old = conn.execute("SELECT bucket_ms, sum(requests) FROM rollup_traffic_day "
+                       "WHERE bucket_ms = (SELECT min(bucket_ms) FROM rollup_traffic_day)").fetchone()
+    first_old, n_old = old if old else (None, None)
+    if first_old is None:
+        return None
+    new = conn.execute("SELECT bucket_ms, sum(requests) FROM rollup_api_key_sets_day "
+                       "WHERE bucket_ms = (SELECT min(bucket_ms) FROM rollup_api_key_sets_day)").fetchone()
+    first_new, n_new = new if new else (None, None)
+    if first_new is None:
+        return 1 << 62  # set tables empty while older rollups hold events: not usable
+    if first_new == first_old and n_new == n_old:
+        return None
+    return first_new + DAY
 
 
 # --- reading --------------------------------------------------------------------------

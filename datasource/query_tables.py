@@ -8,7 +8,8 @@ from typing import Any
 from datasource import rollup
 from datasource.model import Frame
 from datasource.query_plan import (
-    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels, split_range,
+    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels, sets_complete_from,
+    split_range,
 )
 from datasource.query_common import (
     UNITS, Ctx, payload_choice, payload_int, ratio, sort_rows, table_frame,
@@ -169,30 +170,6 @@ SET_DIMS = frozenset(rollup.SPEC_BY_TABLE[rollup.STEP8_TABLES[0]].dims)
 SET_TABLES = {rollup.SPEC_BY_TABLE[t].grain_ms: t for t in rollup.STEP8_TABLES}
 
 
-def _sets_from(ctx: Ctx) -> int | None:
-    """Where the set tables are complete: None for everywhere, else a UTC day boundary.
-
-    Step 8 backfilled them from the events present; days retention had already pruned
-    (wholly, or the first day in part) stay empty there but are whole in the older daily
-    tables. Compared on the first day: rollup_traffic_day (every event since step 2) against
-    rollup_api_key_sets_day (its first day and requests).
-    """
-    day_table = SET_TABLES[rollup.DAY_MS]
-    old = ctx.rows("SELECT bucket_ms, sum(requests) FROM rollup_traffic_day "
-                   "WHERE bucket_ms = (SELECT min(bucket_ms) FROM rollup_traffic_day)")
-    first_old, n_old = old[0] if old else (None, None)
-    if first_old is None:
-        return None
-    new = ctx.rows(f"SELECT bucket_ms, sum(requests) FROM {day_table} "
-                   f"WHERE bucket_ms = (SELECT min(bucket_ms) FROM {day_table})")
-    first_new, n_new = new[0] if new else (None, None)
-    if first_new is None:
-        return 1 << 62  # set tables empty while older rollups hold events: not usable
-    if first_new == first_old and n_new == n_old:
-        return None
-    return first_new + rollup.DAY_MS
-
-
 def _api_key_plans(ctx: Ctx) -> list[Plan]:
     """The API-key set tables (day / hour / 5 min, raw edges under 5 minutes) when the filters
     only read instance and api key, from where they are complete on; otherwise (and before
@@ -202,7 +179,7 @@ def _api_key_plans(ctx: Ctx) -> list[Plan]:
     tr = reader.translation()
     plans = []
     if reader.rollups and tr is not None and tr.dims <= SET_DIMS and lo < hi:
-        cut = _sets_from(ctx)
+        cut = sets_complete_from(ctx.conn)
         if cut is not None and cut > lo:
             plans.append(reader.plan(lo, min(cut, hi), ("api_key_hash", "analytics_model", "account_key")))
             lo = cut

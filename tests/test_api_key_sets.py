@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from datasource import query, rollup, store
+from datasource import query, query_plan, rollup, store
 from datasource.db import SCHEMA_VERSION, migrate, open_database
 from datasource.filters import clauses_from_payload
 from datasource.model import Normalized, TargetSpec
@@ -244,3 +244,49 @@ def test_merge_sets_equals_the_set_union_on_awkward_values():
         a, b = rollup.encode_set(left), rollup.encode_set(right)
         assert rollup.merge_sets(a, b) == rollup.encode_set(left | right), (a, b)
         assert rollup.merge_sets(b, a) == rollup.encode_set(left | right), (a, b)
+
+
+def usage_by_key(conn, lo: int, hi: int, *, rollups: bool = True) -> dict[str, tuple[int, int]]:
+    spec = TargetSpec(target="usage", payload={"by": "api_key"}, from_ms=lo, to_ms=hi, interval_ms=HOUR,
+                      max_data_points=1000, clauses=(), now_ms=hi)
+    [frame] = query.execute(conn, spec, rollups=rollups)
+    cols = {f.name: f.values for f in frame.fields}
+    return {k: (n, t) for k, n, t in zip(cols["key"], cols["requests"], cols["total_tokens"])}
+
+
+def _set_ranges_read(conn, fn) -> int:
+    """Statements reading a bucket range of a set table (not their completeness check's first day)."""
+    seen: list[str] = []
+
+    def trace(cursor, sql, bindings):
+        if "FROM rollup_api_key_sets_" in sql and "bucket_ms >= ?" in sql:
+            seen.append(sql)
+        return True
+
+    conn.exec_trace = trace
+    try:
+        fn()
+    finally:
+        conn.exec_trace = None
+    return len(seen)
+
+
+def test_sums_by_api_key_read_the_set_tables_only_where_they_are_complete(conn):
+    """The set tables are a family of the general planner (usage and cost series by API key), but
+    after an upgrade that came after retention pruned, only from the day they are complete."""
+    start = T0 - T0 % DAY
+    store.insert_batch(conn, _spread_events(4), origin="test")
+    lo, hi = start, start + 4 * DAY
+    # event n (0-15) has n tokens, key K1 when n is even: K1 0+2+...+14 = 56, K2 1+3+...+15 = 64
+    want = {K1: (8, 56), K2: (8, 64)}
+    assert usage_by_key(conn, lo, hi) == want == usage_by_key(conn, lo, hi, rollups=False)
+    assert "rollup_api_key_sets_day" in tables_read(conn, lambda: usage_by_key(conn, lo, hi))
+    assert store.prune(conn, start + DAY + 10 * HOUR) == 6  # day 1 and the first two events of day 2
+    remigrate_from(conn, 7)
+    assert query_plan.sets_complete_from(conn) == start + 2 * DAY
+    assert usage_by_key(conn, lo, hi) == want  # rollup_api_key_day still holds the pruned days
+    assert _set_ranges_read(conn, lambda: usage_by_key(conn, lo, hi)) == 0
+    assert "rollup_api_key_day" in tables_read(conn, lambda: usage_by_key(conn, lo, hi))
+    # from the day they are complete on: the set tables again; days 3-4 are events 8-15
+    assert usage_by_key(conn, start + 2 * DAY, hi) == {K1: (4, 8 + 10 + 12 + 14), K2: (4, 9 + 11 + 13 + 15)}
+    assert _set_ranges_read(conn, lambda: usage_by_key(conn, start + 2 * DAY, hi)) == 1

@@ -368,5 +368,13 @@ def test_time_series_ask_five_minute_buckets_at_24_hours(hours, step_ms):
             if panel["type"] != "timeseries":
                 continue
             body = sim.query_body(dash, panel, state)
-            assert (body["intervalMs"], body["maxDataPoints"]) == (step_ms, 288), panel["title"]
-            assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == step_ms
+            # a panel with a min interval (cost by account: hourly account rollups) asks at least that
+            want = max(step_ms, sim.parse_interval(panel.get("interval")))
+            assert (body["intervalMs"], body["maxDataPoints"]) == (want, 288), panel["title"]
+            assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == want
+
+
+def test_only_the_cost_by_account_series_has_a_min_interval_of_an_hour():
+    found = {(d["uid"], p["title"]): p.get("interval") for d in dashboards().values() for p in panels(d)
+             if p["type"] == "timeseries" and p.get("interval")}
+    assert found == {("cpa-usage-analytics", "Est. cost by account"): "1h"}

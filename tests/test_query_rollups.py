@@ -292,6 +292,13 @@ def test_families_chosen_for_the_monitoring_panels(db, filters):
         "rollup_account_model_failure_hour", "rollup_account_model_failure_day"}
     # ... but not when a grouping no account rollup keeps is asked (request type): raw
     assert _tables(db, acct_model, lo, hi, ("request_type",)) == set()
+    # by API key, unfiltered: the set tables (one row per key and bucket; 5-minute, hour and
+    # day grains), so a 3 h step reads hours (rollup_api_key_day is day-only: all raw)
+    assert _tables(db, (), lo, hi, ("api_key_hash",), step=3 * HOUR) == {
+        "rollup_api_key_sets_5m", "rollup_api_key_sets_hour"}
+    assert _tables(db, (), lo, hi, ("api_key_hash",)) == {"rollup_api_key_sets_5m", "rollup_api_key_sets_hour"}
+    assert "rollup_api_key_sets_day" in _tables(db, (), *RANGES["2.5d"], ("api_key_hash",))
+    assert _tables(db, model, lo, hi, ("api_key_hash",), step=3 * HOUR) == set()  # model: api_key family, days
 
 
 def test_pruned_days_answer_from_rollups(tmp_path, traffic):
