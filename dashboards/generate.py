@@ -186,7 +186,8 @@ def account_actions() -> dict[str, Any]:
         reduce_stat("Failure hits behind them", target("A", "account_actions", V), "hits", "sum", w=6),
         timeseries("Auth and quota failures by account",
                    [target("A", "timeseries", V, measure="failures", split_by="account")], "short",
-                   w=12, h=4, stack=True),
+                   w=12, h=4, stack=True, min_interval="1h",
+                   description="Hourly buckets at least: the account rollups are hourly and daily."),
         table("Accounts needing action", actions, overrides, h=14,
               description="Suggested action, reason, hits, first / last seen, last evidence and "
                           "quota recover-at. Click an account to see its requests in Monitoring."),

@@ -708,13 +708,15 @@ _V8 = "\n" + "".join(_V8_TABLE.format(table=t) for t in (
 def _v9(conn: apsw.Connection) -> None:
     """Step 9: accounts x models by status code and failure type, hourly and daily (failure
     breakdowns filtered by account and model, docs/performance.md), backfilled from the events
-    present; and an account index on the hourly account tables and rollup_api_key_day."""
+    present; an account index on the hourly account tables and rollup_api_key_day; and a partial
+    covering index of the events with an action (Account Action Queue)."""
     from datasource import rollup
 
     conn.execute(_V9)
     rollup.backfill(conn, rollup.STEP9_TABLES)
     for table in ACCOUNT_INDEXED:  # statistics for the new indexes, so the planner weighs them now
         conn.execute(f"ANALYZE {table}")
+    conn.execute("ANALYZE events_action_ts")
 
 
 _V9_TABLE = """CREATE TABLE {table} (
@@ -740,7 +742,14 @@ ACCOUNT_INDEXED = ("rollup_account_hour", "rollup_account_latency_hour", "rollup
                    "rollup_account_failure_hour", "rollup_account_model_failure_hour", "rollup_api_key_day")
 _V9 = "\n" + "".join(_V9_TABLE.format(table=t) for t in (
     "rollup_account_model_failure_hour", "rollup_account_model_failure_day")) + "".join(
-    f"CREATE INDEX {t}_account ON {t}(account_key, bucket_ms);\n" for t in ACCOUNT_INDEXED)
+    f"CREATE INDEX {t}_account ON {t}(account_key, bucket_ms);\n" for t in ACCOUNT_INDEXED) + """
+-- Account Action Queue: the grouping columns of the events with an action and the model and
+-- provider keys of the common filters, covering (query_actions.EVENT_ACTIONS_SQL counts per
+-- account, action and reason from it alone).
+CREATE INDEX events_action_ts ON events(ts_ms, instance, account_key, action, action_reason, quota_recover_at_ms,
+                                        analytics_model, provider)
+    WHERE failed = 1 AND action IS NOT NULL;
+"""
 
 MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [_V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)

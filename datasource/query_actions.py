@@ -13,6 +13,7 @@ from typing import Any
 
 from datasource import filters
 from datasource.model import Frame
+from datasource.query_plan import RAW, Piece, Plan
 from datasource.query_common import Ctx, payload_int, sort_rows, table_frame
 
 ACTION_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -28,15 +29,21 @@ REASONS: dict[str, str] = {
 }
 EVIDENCE_CHARS = 500
 
-# One max() per query: SQLite takes the bare columns from the newest row of the group.
+# Per (instance, account, action, reason): the counts from the partial covering index
+# events_action_ts (schema step 9; no table row read), then the newest event of each group by
+# one seek (its label, provider, auth file, status, evidence). Was: window functions over every
+# column of every action event in the window, 6.5 s at 30 d on the 10 M dataset (336 k rows).
 EVENT_ACTIONS_SQL = """
-SELECT instance, account_key, action, coalesce(action_reason, action), max(ts_ms), min_ts, hits,
-       account, provider, auth_file, status_code, fail_summary, action_detail, recover
-FROM (SELECT *, min(ts_ms) OVER w AS min_ts, count(*) OVER w AS hits,
-             max(quota_recover_at_ms) OVER w AS recover
-      FROM events WHERE {where} AND failed = 1 AND action IS NOT NULL
-      WINDOW w AS (PARTITION BY instance, account_key, action, coalesce(action_reason, action)))
-GROUP BY 1, 2, 3, 4
+WITH g AS (SELECT instance AS g_inst, account_key AS g_key, action AS g_action,
+                  coalesce(action_reason, action) AS g_reason, max(ts_ms) AS g_last, min(ts_ms) AS g_first,
+                  count(*) AS g_hits, max(quota_recover_at_ms) AS g_recover
+           FROM events WHERE {where} AND failed = 1 AND action IS NOT NULL GROUP BY 1, 2, 3, 4)
+SELECT g_inst, g_key, g_action, g_reason, g_last, g_first, g_hits, e.account, e.provider, e.auth_file,
+       e.status_code, e.fail_summary, e.action_detail, g_recover
+FROM g JOIN events e ON e.id = (
+    SELECT id FROM events WHERE {where} AND failed = 1 AND action IS NOT NULL AND instance = g_inst
+      AND account_key = g_key AND action = g_action AND coalesce(action_reason, action) = g_reason
+      AND ts_ms = g_last ORDER BY id DESC LIMIT 1)
 """
 CREDENTIAL_WINDOW_SQL = """
 SELECT instance, account_key, action, reason, max(ts_ms), first_ts, hits, provider, status_code,
@@ -67,10 +74,13 @@ def _evidence(text: str | None) -> str | None:
 
 
 def _event_rows(ctx: Ctx) -> list[dict[str, Any]]:
-    where, params = ctx.where()
+    spec = ctx.spec
+    # the filters' index-friendly form (`account_key = ?` for an account, as the rollups resolve it)
+    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], ctx.reader.translation())
+    where, params = raw.where(raw.pieces[0], spec.clauses)
     out = []
     for (inst, key, action, reason_code, last, first, hits, label, provider, auth_file, status,
-         summary, detail, recover) in ctx.rows(EVENT_ACTIONS_SQL.format(where=where), params):
+         summary, detail, recover) in ctx.rows(EVENT_ACTIONS_SQL.format(where=where), [*params, *params]):
         out.append({"account_key": key, "account": label, "instance": inst, "provider": provider,
                     "auth_file": auth_file, "action": action, "reason_code": reason_code,
                     "reason": detail or REASONS.get(reason_code, reason_code), "first_seen": first,

@@ -374,7 +374,14 @@ def test_time_series_ask_five_minute_buckets_at_24_hours(hours, step_ms):
             assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == want
 
 
-def test_only_the_cost_by_account_series_has_a_min_interval_of_an_hour():
+def test_series_split_by_account_ask_hourly_buckets_at_least():
+    """The account families are hourly and daily: a series split by account sets a 1 h min interval
+    (5-minute buckets of 100 accounts would read every raw event of a 24 h window)."""
     found = {(d["uid"], p["title"]): p.get("interval") for d in dashboards().values() for p in panels(d)
              if p["type"] == "timeseries" and p.get("interval")}
-    assert found == {("cpa-usage-analytics", "Est. cost by account"): "1h"}
+    assert found == {("cpa-usage-analytics", "Est. cost by account"): "1h",
+                     ("cpa-account-action-queue", "Auth and quota failures by account"): "1h"}
+    split_by_account = {(d["uid"], p["title"]) for d in dashboards().values() for p in panels(d)
+                        if p["type"] == "timeseries" and any('"split_by": "account"' in t.get("payload", "")
+                                                             for t in p.get("targets", []))}
+    assert split_by_account == set(found)

@@ -335,6 +335,27 @@ def test_account_actions_events_and_credential_errors(db):
     assert (reauth["first_seen"], reauth["last_seen"], reauth["last_status"]) == (T10 + 25 * MIN, T10 + 30 * MIN, 401)
 
 
+def test_account_actions_count_from_the_covering_action_index(db):
+    """The per-group counts of EVENT_ACTIONS_SQL read only the partial covering index (schema step
+    9); the newest event of each group is one seek. With a filter the index cannot cover, the
+    answer is the same rows (hand-checked above), read through the table."""
+    from datasource.query_actions import EVENT_ACTIONS_SQL
+
+    where = "ts_ms >= ? AND ts_ms < ?"
+    params = [T10, T10 + 60 * MIN] * 2
+    plan = " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + EVENT_ACTIONS_SQL.format(where=where), params))
+    assert "COVERING INDEX events_action_ts" in plan, plan
+    rows = db.execute(EVENT_ACTIONS_SQL.format(where=where), params).fetchall()
+    # the events' side of the test above (A's quota row there also counts CPA's credential error)
+    assert sorted((r[1], r[2], r[3], r[6], r[4]) for r in rows) == [
+        (A, "wait_quota_reset", "quota_exhausted", 1, T10 + 15 * MIN),
+        (B, "reauth", "token_revoked", 2, T10 + 30 * MIN)]
+    filtered = f"{where} AND provider = ?"  # provider is not in the index: rows read from the table
+    for provider, want in (("codex", sorted(rows)), ("claude", [])):
+        got = db.execute(EVENT_ACTIONS_SQL.format(where=filtered), [T10, T10 + 60 * MIN, provider] * 2).fetchall()
+        assert sorted(got) == want
+
+
 def test_collector_rows_without_credentials_in_url(db):
     [row] = run(db, "collector")
     assert (row["instance"], row["url"], row["state"], row["transport"], row["lag_s"]) == (

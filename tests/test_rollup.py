@@ -283,6 +283,7 @@ def remigrate_from(conn, step: int) -> None:
         if step < 9:  # step 9 also indexed older tables
             for table in ACCOUNT_INDEXED:
                 conn.execute(f"DROP INDEX IF EXISTS {table}_account")
+            conn.execute("DROP INDEX IF EXISTS events_action_ts")
         conn.pragma("user_version", step)
     assert migrate(conn) == SCHEMA_VERSION
 
@@ -370,6 +371,7 @@ def test_step_9_backfill_equals_incremental_on_random_events(conn):
     assert indexes == {f"{t}_account": t for t in ACCOUNT_INDEXED}
     analyzed = {r[0] for r in conn.execute("SELECT idx FROM sqlite_stat1")}
     assert set(indexes) <= analyzed
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_action_ts'").get == 1
 
 
 def test_upsert_params_single_and_grouped_keys_by_hand():
