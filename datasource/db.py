@@ -687,9 +687,9 @@ def _v8(conn: apsw.Connection) -> None:
 
 
 # The three step-8 tables differ only in name (and grain, which is in the rows, not the DDL).
-_V8_TABLE = """CREATE TABLE {table} (
-    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, api_key_hash TEXT NOT NULL,
-    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
+# The measure columns every rollup table has (rollup.MEASURES and the first/last times), as the
+# DDL of steps 8 and on spells them (earlier steps wrote them out; released steps stay as they are).
+_MEASURES_DDL = """    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
     input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
     norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
@@ -697,11 +697,14 @@ _V8_TABLE = """CREATE TABLE {table} (
     total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
     latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
     first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
-    models TEXT NOT NULL, accounts TEXT NOT NULL,
+"""
+_V8_TABLE = """CREATE TABLE {table} (
+    bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, api_key_hash TEXT NOT NULL,
+{measures}    models TEXT NOT NULL, accounts TEXT NOT NULL,
     PRIMARY KEY (bucket_ms, instance, api_key_hash)
 ) WITHOUT ROWID;
 """
-_V8 = "\n" + "".join(_V8_TABLE.format(table=t) for t in (
+_V8 = "\n" + "".join(_V8_TABLE.format(table=t, measures=_MEASURES_DDL) for t in (
     "rollup_api_key_sets_5m", "rollup_api_key_sets_hour", "rollup_api_key_sets_day"))
 
 
@@ -723,15 +726,7 @@ _V9_TABLE = """CREATE TABLE {table} (
     bucket_ms INTEGER NOT NULL, instance TEXT NOT NULL, account_key TEXT NOT NULL, analytics_model TEXT NOT NULL,
     provider TEXT NOT NULL, status_class TEXT NOT NULL, status_code INTEGER NOT NULL, failed INTEGER NOT NULL,
     failure_type TEXT NOT NULL,
-    requests INTEGER NOT NULL, successes INTEGER NOT NULL, failures INTEGER NOT NULL, unusual INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL,
-    norm_input_tokens INTEGER NOT NULL, norm_uncached_tokens INTEGER NOT NULL,
-    norm_cache_read_tokens INTEGER NOT NULL, compat_cached_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL, cost_nusd INTEGER NOT NULL, latency_sum_ms INTEGER NOT NULL,
-    latency_samples INTEGER NOT NULL, ttft_sum_ms INTEGER NOT NULL, ttft_samples INTEGER NOT NULL,
-    first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_failure_ms INTEGER,
-    PRIMARY KEY (bucket_ms, instance, account_key, analytics_model, provider, status_class, status_code, failed,
+{measures}    PRIMARY KEY (bucket_ms, instance, account_key, analytics_model, provider, status_class, status_code, failed,
                  failure_type)
 ) WITHOUT ROWID;
 """
@@ -740,7 +735,7 @@ _V9_TABLE = """CREATE TABLE {table} (
 # these tables get an (account_key, bucket_ms) index so that it seeks the account's rows instead.
 ACCOUNT_INDEXED = ("rollup_account_hour", "rollup_account_latency_hour", "rollup_account_model_latency_hour",
                    "rollup_account_failure_hour", "rollup_account_model_failure_hour", "rollup_api_key_day")
-_V9 = "\n" + "".join(_V9_TABLE.format(table=t) for t in (
+_V9 = "\n" + "".join(_V9_TABLE.format(table=t, measures=_MEASURES_DDL) for t in (
     "rollup_account_model_failure_hour", "rollup_account_model_failure_day")) + "".join(
     f"CREATE INDEX {t}_account ON {t}(account_key, bucket_ms);\n" for t in ACCOUNT_INDEXED) + """
 -- Account Action Queue: the grouping columns of the events with an action and the model and

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import weakref
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import apsw
 
 from datasource import filters, query_catalog
+from datasource.flights import Flights
 from datasource.model import BadRequest, Clause, Frame, TargetSpec, Unavailable
 from datasource.query_actions import account_actions
 from datasource.query_annotations import annotations, collector
@@ -125,18 +125,7 @@ def _limited(conn: apsw.Connection, timeout_s: float, work: Callable[[], T]) -> 
 SHAREABLE = frozenset({"summary", "timeseries", "accounts", "api_keys", "breakdown", "usage"})
 
 
-class _Flight:
-    __slots__ = ("done", "event", "result", "error")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.event = threading.Event()
-        self.result: list[Frame] | None = None
-        self.error: BaseException | None = None
-
-
-_flights: dict[tuple, _Flight] = {}
-_flights_lock = threading.Lock()
+_FLIGHTS = Flights()
 
 
 def _flight_key(conn: apsw.Connection, spec: TargetSpec, aliases: Mapping[str, str], mask_emails: bool,
@@ -163,29 +152,8 @@ def execute(conn: apsw.Connection, spec: TargetSpec, *, aliases: Mapping[str, st
     key = _flight_key(conn, spec, aliases, mask_emails, rollups)
     if key is None:
         return _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
-    with _flights_lock:
-        flight = _flights.get(key)
-        leader = flight is None
-        if leader:
-            flight = _flights[key] = _Flight()
-    if not leader:
-        flight.event.wait(timeout_s + 1.0)
-        if flight.done:
-            if flight.error is not None:
-                raise flight.error
-            return list(flight.result or [])
-        return _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
-    try:
-        flight.result = _execute(conn, spec, aliases, mask_emails, timeout_s, rollups)
-        return flight.result
-    except BaseException as exc:
-        flight.error = exc
-        raise
-    finally:
-        with _flights_lock:
-            _flights.pop(key, None)
-        flight.done = True
-        flight.event.set()
+    return list(_FLIGHTS.run(key, lambda: _execute(conn, spec, aliases, mask_emails, timeout_s, rollups),
+                             timeout_s + 1.0) or [])
 
 
 def _execute(conn: apsw.Connection, spec: TargetSpec, aliases: Mapping[str, str], mask_emails: bool,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from datasource import filters, rollup, sketch
+from datasource.flights import Flights
 from datasource.model import Clause
 from datasource.sketch import Sketch
 
@@ -396,46 +397,14 @@ _STATUS_SET = frozenset(STATUS_DIMS)
 SHARE_STATUS_SERIES = True
 
 
-class _Shared:
-    __slots__ = ("done", "event", "result", "error")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.event = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-_shared: dict[tuple, _Shared] = {}
-_shared_lock = threading.Lock()
+# Readers asking for the same status superset at the same moment share one read (flights.py).
+STATUS_FLIGHTS = Flights()
 SHARED_WAIT_S = 60.0
 
 
 def shared(key: tuple, compute: Callable[[], T]) -> T:
     """compute(), or the result of the same key's computation already running in another thread."""
-    with _shared_lock:
-        flight = _shared.get(key)
-        leader = flight is None
-        if leader:
-            flight = _shared[key] = _Shared()
-    if not leader:
-        flight.event.wait(SHARED_WAIT_S)
-        if flight.done:
-            if flight.error is not None:
-                raise flight.error
-            return flight.result
-        return compute()
-    try:
-        flight.result = compute()
-        return flight.result
-    except BaseException as exc:
-        flight.error = exc
-        raise
-    finally:
-        with _shared_lock:
-            _shared.pop(key, None)
-        flight.done = True
-        flight.event.set()
+    return STATUS_FLIGHTS.run(key, compute, SHARED_WAIT_S)
 
 
 # A raw piece up to this long is scanned for distinct keys; longer ones seek per key.

@@ -65,11 +65,12 @@ def api_keys(conn, lo: int = LO, hi: int = HI, payload: dict[str, Any] | None = 
             for i, h in enumerate(cols["api_key_hash"])}
 
 
-def tables_read(conn, fn) -> set[str]:
-    seen: list[str] = []
+def statements(conn, fn) -> list[tuple[str, Any]]:
+    """(sql, bindings) of every statement `fn` runs on `conn`."""
+    seen: list[tuple[str, Any]] = []
 
     def trace(cursor, sql, bindings):
-        seen.append(sql)
+        seen.append((sql, bindings))
         return True
 
     conn.exec_trace = trace
@@ -77,6 +78,11 @@ def tables_read(conn, fn) -> set[str]:
         fn()
     finally:
         conn.exec_trace = None
+    return seen
+
+
+def tables_read(conn, fn) -> set[str]:
+    seen = [sql for sql, _ in statements(conn, fn)]
     names = [t for spec in rollup.SPECS for t in (spec.table,)] + ["events"]
     return {t for t in names for sql in seen if f"FROM {t} " in sql or f"FROM {t}\n" in sql}
 
@@ -256,19 +262,7 @@ def usage_by_key(conn, lo: int, hi: int, *, rollups: bool = True) -> dict[str, t
 
 def _set_ranges_read(conn, fn) -> int:
     """Statements reading a bucket range of a set table (not their completeness check's first day)."""
-    seen: list[str] = []
-
-    def trace(cursor, sql, bindings):
-        if "FROM rollup_api_key_sets_" in sql and "bucket_ms >= ?" in sql:
-            seen.append(sql)
-        return True
-
-    conn.exec_trace = trace
-    try:
-        fn()
-    finally:
-        conn.exec_trace = None
-    return len(seen)
+    return sum(1 for sql, _ in statements(conn, fn) if "FROM rollup_api_key_sets_" in sql and "bucket_ms >= ?" in sql)
 
 
 def test_sums_by_api_key_read_the_set_tables_only_where_they_are_complete(conn):

@@ -19,6 +19,8 @@ import pytest
 
 from datasource import query, query_plan, sketch, store
 from datasource.db import ACCOUNT_INDEXED, open_database
+from datasource.flights import Flight
+from test_api_key_sets import statements
 from datasource.filters import clauses_from_adhoc, clauses_from_payload
 from datasource.ingest import Ingestor
 from datasource.model import TargetSpec
@@ -430,17 +432,7 @@ def test_memo_never_serves_stale_data_after_a_write(tmp_path, traffic):
 
 def _plans_of_reads(conn, fn) -> dict[str, str]:
     """The query plan of every statement `fn` runs on a rollup table: table -> plan text."""
-    seen: list[tuple[str, Any]] = []
-
-    def trace(cursor, sql, bindings):
-        seen.append((sql, bindings))
-        return True
-
-    conn.exec_trace = trace
-    try:
-        fn()
-    finally:
-        conn.exec_trace = None
+    seen = statements(conn, fn)
     out = {}
     for sql, bindings in seen:
         table = next((t for t in ACCOUNT_INDEXED if f"FROM {t} " in sql), None)
@@ -533,13 +525,13 @@ def test_status_series_read_once_for_readers_asking_at_the_same_time(db, filters
     monkeypatch.setattr(query_plan, "SHARE_STATUS_SERIES", True)
     events: list[_CountingEvent] = []
 
-    class Shared(query_plan._Shared):
+    class Shared(Flight):
         def __init__(self) -> None:
             super().__init__()
             self.event = _CountingEvent()
             events.append(self.event)
 
-    monkeypatch.setattr(query_plan, "_Shared", Shared)
+    monkeypatch.setattr(query_plan.STATUS_FLIGHTS, "flight", Shared)
     reads, inside, release = [], threading.Event(), threading.Event()
     original = query_plan.Reader._status_superset
 
@@ -575,7 +567,7 @@ def test_status_series_read_once_for_readers_asking_at_the_same_time(db, filters
         t.join(10)
     assert len(reads) == 1 and events[0].waiting == 2
     assert [results[i] for i in range(3)] == expected
-    assert query_plan._shared == {}  # nothing kept once answered
+    assert query_plan.STATUS_FLIGHTS.running == {}  # nothing kept once answered
     # asked again afterwards: read again (no result outlives its read)
     reads.clear()
     release.set()
