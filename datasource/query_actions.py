@@ -13,7 +13,6 @@ from typing import Any
 
 from datasource import filters
 from datasource.model import Frame
-from datasource.query_plan import RAW, Piece, Plan
 from datasource.query_common import Ctx, payload_int, sort_rows, table_frame
 
 ACTION_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -74,10 +73,8 @@ def _evidence(text: str | None) -> str | None:
 
 
 def _event_rows(ctx: Ctx) -> list[dict[str, Any]]:
-    spec = ctx.spec
     # the filters' index-friendly form (`account_key = ?` for an account, as the rollups resolve it)
-    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], ctx.reader.translation())
-    where, params = raw.where(raw.pieces[0], spec.clauses)
+    where, params = ctx.reader.raw_where(ctx.spec.from_ms, ctx.spec.to_ms)
     out = []
     for (inst, key, action, reason_code, last, first, hits, label, provider, auth_file, status,
          summary, detail, recover) in ctx.rows(EVENT_ACTIONS_SQL.format(where=where), [*params, *params]):

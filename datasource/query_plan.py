@@ -426,6 +426,12 @@ class Reader:
             self._translation = translate(self.conn, self.clauses)
         return self._translation
 
+    def raw_where(self, from_ms: int, to_ms: int) -> tuple[str, list[Any]]:
+        """WHERE text and parameters for the events of [from_ms, to_ms) under the clauses, alias keys
+        narrowed to their key column when exact (`account_key = ?`: the key indexes apply)."""
+        p = Plan([Piece(RAW, from_ms, to_ms)], self.translation())
+        return p.where(p.pieces[0], self.clauses)
+
     def plan(self, from_ms: int, to_ms: int, dims: Iterable[str] = (), *, sketches: bool = False,
              step: int | None = None) -> Plan:
         p = plan(self.conn, self.clauses, from_ms, to_ms, dims, sketches=sketches, step=step,
@@ -806,8 +812,7 @@ def labels(reader: Reader, column: str, keys: Iterable[str], from_ms: int, to_ms
             ambiguous.append(key)
     ambiguous += [k for k in wanted if k not in out and k not in ambiguous]
     if ambiguous:
-        p = Plan([Piece(RAW, from_ms, to_ms)], reader.translation())
-        where, params = p.where(p.pieces[0], reader.clauses)
+        where, params = reader.raw_where(from_ms, to_ms)
         expr = GROUPS[column][0]
         sql = f"SELECT max({label_col}) FROM events WHERE {where} AND {expr} = ?"
         for key in ambiguous:

@@ -6,7 +6,6 @@ from typing import Any
 
 from datasource.model import BadRequest, Frame
 from datasource.query_common import UNITS, Ctx, payload_int, table_frame
-from datasource.query_plan import RAW, Piece, Plan
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
@@ -82,8 +81,7 @@ def requests(ctx: Ctx) -> list[Frame]:
     spec = ctx.spec
     # Alias keys (account, model, api key, provider) narrowed to their key column when exact
     # (query_plan.translate), so events(account_key, ts_ms) and friends serve the newest rows.
-    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], ctx.reader.translation())
-    where, params = raw.where(raw.pieces[0], spec.clauses)
+    where, params = ctx.reader.raw_where(spec.from_ms, spec.to_ms)
     if before_ms is None:
         sql, cursor = REQUESTS_SQL, []
     else:

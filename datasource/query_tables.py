@@ -8,7 +8,7 @@ from typing import Any
 from datasource import rollup
 from datasource.model import Frame
 from datasource.query_plan import (
-    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Piece, Plan, add_into, cost_usd, empty, labels, sets_complete_from,
+    GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Plan, add_into, cost_usd, empty, labels, sets_complete_from,
     split_range,
 )
 from datasource.query_common import (
@@ -109,8 +109,7 @@ def _account_rows(ctx: Ctx) -> list[dict[str, Any]]:
     reader = ctx.reader
     sums = reader.sums(spec.from_ms, spec.to_ms, ("instance", "account_key"))
     p95 = reader.distribution("latency_ms", spec.from_ms, spec.to_ms, ("instance", "account_key"))
-    raw = Plan([Piece(RAW, spec.from_ms, spec.to_ms)], reader.translation())
-    where, params = raw.where(raw.pieces[0], spec.clauses)  # index-friendly form of the filters
+    where, params = reader.raw_where(spec.from_ms, spec.to_ms)  # index-friendly form of the filters
     top_types = _top_failure_types(ctx, where, params)
     cpa = {(r[0], r[1]): r[2:] for r in ctx.rows(CPA_STATUS_SQL)}
     fallback = labels(reader, "account_key", [k for _, k in sums], spec.from_ms, spec.to_ms)
