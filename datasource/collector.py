@@ -42,8 +42,8 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"collector mode must be one of {', '.join(MODES)}, not {settings.collector_mode!r}")
     if settings.pop_side.lower() not in ("right", "left", "rpop", "lpop"):
         raise ValueError(f"pop side must be right or left, not {settings.pop_side!r}")
-    if settings.batch_size <= 0 or settings.poll_interval_ms <= 0:
-        raise ValueError("batch size and poll interval must be positive")
+    if settings.batch_size <= 0 or settings.commit_max <= 0 or settings.poll_interval_ms <= 0:
+        raise ValueError("batch size, commit max and poll interval must be positive")
     check_poll_interval(settings.poll_interval_ms, MAX_RETENTION_S)
     if not settings.upstreams():
         raise ValueError("no CPA upstream configured (CPA_MONITOR_CPA_URL)")

@@ -37,7 +37,11 @@ class Settings:
     collector: str = _opt("on", "run the collector inside `serve`: on | off")
     collector_mode: str = _opt("auto", "transport: auto | subscribe | http | resp")
     pop_side: str = _opt("right", "pop command for resp mode: right (RPOP) | left (LPOP)")
-    batch_size: int = _opt(500, "events popped per request (resp/http) and inserted per transaction")
+    batch_size: int = _opt(500, "events popped per request (resp/http); see commit_max for transactions")
+    commit_max: int = _opt(
+        2000, "largest transaction: under a backlog consecutive full pops are stored together, up to this many "
+        "events (also `ingest`'s transaction size); a kill can lose what is held, see docs/collector.md"
+    )
     normalize_workers: int = _opt(
         0, "collector: 1 = a worker process normalizes the next popped batch while the collector thread stores "
         "the current one (two cores; up to two popped batches in memory); 0: none"

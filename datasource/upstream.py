@@ -338,39 +338,58 @@ class UpstreamLoop:
         return len(raws)
 
     def pump(self, pop: Callable[[], list[bytes]], *, drain: bool) -> int:
-        """Pop and store batches until an empty pop (drain: a short one) or stop; returns the items.
+        """Pop and store groups until an empty pop (drain: a short one) or stop; returns the items.
 
-        With a normalize worker (CPA_MONITOR_NORMALIZE_WORKERS >= 1) the loop is pipelined: batch
-        N+1 is popped and handed to the worker before batch N is stored, so the worker normalizes
-        while this thread writes, and up to two popped batches are in memory (docs/collector.md).
-        Each batch is still stored whole, in pop order, in one transaction; the batch in hand is
+        A group is one pop, or under a backlog several consecutive full pops stored together in
+        one transaction of up to CPA_MONITOR_COMMIT_MAX items (`take`): bigger transactions fold
+        more events into each rollup row, which is where a backlog's time goes.
+        With a normalize worker (CPA_MONITOR_NORMALIZE_WORKERS >= 1) the loop is pipelined: group
+        N+1 is popped and handed to the worker before group N is stored, so the worker normalizes
+        while this thread writes, and up to two popped groups are in memory (docs/collector.md).
+        Each group is still stored whole, in pop order, in one transaction; the group in hand is
         stored before returning, whatever ends the loop (stop, an empty pop, a pop that raised).
         """
         ingestor = self.ingestor
         assert ingestor is not None
         total = 0
-        if not self.settings.normalize_workers:
-            while not self.stop.is_set():
-                got = self.consume(pop())
-                total += got
-                if got == 0 or (drain and got < self.settings.batch_size):
-                    break
-            return total
         pending: tuple[Pending, int] | None = None
+        workers = bool(self.settings.normalize_workers)
         try:
             while not self.stop.is_set():
-                raws = pop()
-                ahead = (ingestor.prepare(raws), len(raws)) if raws else None  # the worker starts on it now
-                current, pending = pending, ahead  # a store that raises leaves only `ahead` to the finally
-                if current is not None:
-                    self.store_pending(*current)
+                raws, last, error = self.take(pop)
+                if not workers:
+                    self.consume(raws)
+                else:
+                    ahead = (ingestor.prepare(raws), len(raws)) if raws else None  # the worker starts on it now
+                    current, pending = pending, ahead  # a store that raises leaves only `ahead` to the finally
+                    if current is not None:
+                        self.store_pending(*current)
                 total += len(raws)
-                if not raws or (drain and len(raws) < self.settings.batch_size):
+                if error is not None:
+                    raise error
+                if last == 0 or (drain and last < self.settings.batch_size):
                     break
         finally:
             if pending is not None:
                 self.store_pending(*pending)
         return total
+
+    def take(self, pop: Callable[[], list[bytes]]) -> tuple[list[bytes], int, Exception | None]:
+        """One store group: pops until one comes back short (the queue is drained), the next would
+        pass CPA_MONITOR_COMMIT_MAX items, or stop. Returns (items, length of the last pop, the
+        error a later pop raised): items already popped are returned, to be stored, not dropped."""
+        batch, limit = self.settings.batch_size, self.settings.commit_max
+        group: list[bytes] = []
+        while True:
+            try:
+                got = pop()
+            except Exception as exc:
+                if not group:
+                    raise
+                return group, 0, exc
+            group.extend(got)
+            if len(got) < batch or len(group) + batch > limit or self.stop.is_set():
+                return group, len(got), None
 
     def store_pending(self, prepared: Pending, popped: int) -> None:
         ingestor = self.ingestor
@@ -450,8 +469,8 @@ class UpstreamLoop:
         self.connected()
         self.consume(first)
         while not self.stop.is_set():
-            if self.consume(self.http_pop(client)) == 0:
-                self.stop.wait(self.settings.poll_interval_ms / 1000)
+            self.pump(lambda: self.http_pop(client), drain=False)
+            self.stop.wait(self.settings.poll_interval_ms / 1000)  # the queue was empty
 
     def drain(self, popper: RespConnection) -> int:
         return self.pump(lambda: popper.pop(self.settings.batch_size, self.settings.pop_side), drain=True)
@@ -489,7 +508,8 @@ class UpstreamLoop:
         pings = 0
         try:
             while not self.stop.is_set():
-                messages = reader.take(t.read_timeout_s, self.settings.batch_size)
+                # what piled up while the last group was stored goes in one transaction (as pump's groups)
+                messages = reader.take(t.read_timeout_s, max(self.settings.batch_size, self.settings.commit_max))
                 if messages:
                     self.consume([m.payload for m in messages])
                 if errsub is not None:

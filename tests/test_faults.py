@@ -562,9 +562,9 @@ def _check_consistent(db: str) -> int:
 def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
     """With a normalize worker (the pipelined collector) up to two popped batches are in flight,
     and the worker must not outlive its killed collector."""
-    total, batch, kills = 16_000, 200, 3
-    in_flight = batch * (2 if workers else 1)
-    extra = ("--batch-size", str(batch), "--normalize-workers", str(workers))
+    total, batch, group, kills = 16_000, 200, 600, 3
+    in_flight = group * (2 if workers else 1)  # a backlog: pops of 200 stored in transactions of 600
+    extra = ("--batch-size", str(batch), "--commit-max", str(group), "--normalize-workers", str(workers))
     with RedisServer(KEY) as server:
         pipe = server.client().pipeline(transaction=False)
         for i in range(total):
@@ -602,7 +602,8 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
     assert _check_consistent(db_path) == total - sum(lost_per_kill)
     row = status(db_path)
     assert row["duplicates"] == 0
-    print(f"\nSIGKILL x{kills} with batches of {batch}, {workers} normalize workers: popped but uncommitted per kill = {lost_per_kill}")
+    print(f"\nSIGKILL x{kills} with pops of {batch} in transactions of {group}, {workers} normalize workers: "
+          f"popped but uncommitted per kill = {lost_per_kill}")
 
 
 # --- a full disk, a read-only database -------------------------------------------------------

@@ -86,7 +86,8 @@ def test_bad_arguments_are_refused():
         NormalizePool(1, share=1.0)
 
 
-def _loop(settings, workers: int, batch: int):
+def _loop(settings, workers: int, batch: int, commit_max: int | None = None):
+    """A loop storing into settings.db; commit_max defaults to one pop per transaction."""
     import threading
     from dataclasses import replace
 
@@ -94,7 +95,8 @@ def _loop(settings, workers: int, batch: int):
     from datasource.ingest import Ingestor
     from datasource.upstream import UpstreamLoop
 
-    s = replace(settings, normalize_workers=workers, batch_size=batch, cpa_url="http://127.0.0.1:1",
+    s = replace(settings, normalize_workers=workers, batch_size=batch, commit_max=commit_max or batch,
+                cpa_url="http://127.0.0.1:1",
                 cpa_management_key="k")
     loop = UpstreamLoop(s, "default", s.cpa_url, threading.Event())
     loop.conn = open_database(s.db)
@@ -125,6 +127,64 @@ def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order
         ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
         assert ids == [f"r{i:04d}" for i in range(250)]
         assert (loop.status.inserted, loop.status.duplicates) == (250, 0)
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pump_stores_consecutive_full_pops_together_up_to_commit_max(settings, monkeypatch, workers):
+    from datasource import store
+
+    loop = _loop(settings, workers, batch=100, commit_max=300)
+    batches = [_events(0, 100), _events(100, 200), _events(200, 300), _events(300, 400), _events(400, 500),
+               _events(500, 537), []]
+    stored_at_pop: list[int] = []
+    transactions: list[int] = []
+    insert_batch = store.insert_batch
+
+    def spy(conn, items, **kw):  # the real insert; records each transaction's size
+        transactions.append(len(items))
+        return insert_batch(conn, items, **kw)
+
+    def pop() -> list[bytes]:
+        stored_at_pop.append(loop.conn.execute("SELECT count(*) FROM events").get)
+        return batches.pop(0)
+
+    monkeypatch.setattr(store, "insert_batch", spy)
+    try:
+        assert loop.pump(pop, drain=False) == 537
+        # three full pops fill a group of 300 (a fourth would pass it); the next group ends at the short pop
+        assert transactions == [300, 237]
+        assert stored_at_pop == ([0, 0, 0, 0, 0, 0, 300] if workers else [0, 0, 0, 300, 300, 300, 537])
+        ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
+        assert ids == [f"r{i:04d}" for i in range(537)]
+        assert (loop.status.inserted, loop.status.duplicates) == (537, 0)
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
+
+
+def test_pump_stores_a_partial_group_when_a_later_pop_fails(settings, monkeypatch):
+    from datasource import store
+
+    loop = _loop(settings, 0, batch=100, commit_max=1000)
+    batches = [_events(0, 100), _events(100, 200)]
+    transactions: list[int] = []
+    insert_batch = store.insert_batch
+    monkeypatch.setattr(store, "insert_batch",
+                        lambda conn, items, **kw: transactions.append(len(items)) or insert_batch(conn, items, **kw))
+
+    def pop() -> list[bytes]:
+        if not batches:
+            raise ConnectionError("connection reset")
+        return batches.pop(0)
+
+    try:
+        with pytest.raises(ConnectionError):
+            loop.pump(pop, drain=False)
+        assert transactions == [200]  # the two popped batches, stored before the error went up
+        assert loop.conn.execute("SELECT count(*), sum(input_tokens) FROM events").fetchone() == (200, 19900)
     finally:
         loop.ingestor.close()
         loop.conn.close()
