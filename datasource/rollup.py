@@ -304,74 +304,164 @@ def _key_getter(dims: tuple[str, ...]) -> Any:
     return get if len(dims) > 1 else (lambda d: (get(d),))
 
 
-_KEY_GETTERS: dict[tuple[str, ...], Any] = {}
+def _parent(spec: RollupSpec, specs: Sequence[RollupSpec]) -> RollupSpec | None:
+    """The spec whose groups `spec`'s groups can be summed from: a grain dividing its own, a
+    superset of its dimensions, strictly finer (so no cycles). Of those the narrowest key, then
+    the coarsest grain: fewest groups to read (an account dimension multiplies them by ~100)."""
+    wanted = set(spec.dims)
+    best = None
+    for other in specs:
+        if (other is spec or spec.grain_ms % other.grain_ms or not wanted <= set(other.dims)
+                or (other.grain_ms, -len(other.dims)) >= (spec.grain_ms, -len(spec.dims))):
+            continue
+        if best is None or (len(other.dims), -other.grain_ms) < (len(best.dims), -best.grain_ms):
+            best = other
+    return best
+
+
+def _derivation(specs: Sequence[RollupSpec]) -> list[tuple[RollupSpec, RollupSpec | None, Any]]:
+    """(spec, parent or None, key getter) in an order where every parent comes first. A root's
+    getter picks its dims from an event's dims; a child's picks them from its parent's key."""
+    order: list[tuple[RollupSpec, RollupSpec | None, Any]] = []
+    done: set[str] = set()
+    pending = list(specs)
+    while pending:
+        for spec in pending:
+            parent = _parent(spec, specs)
+            if parent is None:
+                order.append((spec, None, _key_getter(spec.dims)))
+            elif parent.table in done:
+                order.append((spec, parent, itemgetter(*(1 + parent.dims.index(d) for d in spec.dims))))
+            else:
+                continue
+            done.add(spec.table)
+            pending.remove(spec)
+            break
+    return order
+
+
+_DERIVATIONS: dict[tuple[RollupSpec, ...], list[tuple[RollupSpec, RollupSpec | None, Any]]] = {}
+
+# A group's aggregate: measure sums, first, last and last failure time, member rows (indexes
+# into the batch), latency and TTFT sketch bins (sketch specs only) and set columns' encodings
+# with the sets behind them (sets specs only).
+_SUMS, _FIRST, _LAST, _LAST_FAIL, _MEMBERS, _LAT, _TTFT, _SETS = range(8)
+
+
+def _count_bins(indexes: Iterable[int | None]) -> dict[int, int]:
+    bins: dict[int, int] = {}
+    for i in indexes:
+        if i is not None:
+            bins[i] = bins.get(i, 0) + 1
+    return bins
+
+
+def _merge_bins(parts: Iterable[dict[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for part in parts:
+        for i, c in part.items():
+            out[i] = out.get(i, 0) + c
+    return out
 
 
 def upsert_params(rows: Sequence[Mapping[str, Any]],
                   specs: Sequence[RollupSpec] = SPECS) -> dict[str, list[tuple[Any, ...]]]:
     """Per rollup table, one upsert parameter tuple per key: (bucket, dims, measures, times, sketches).
 
-    Rows are grouped first and each group summed column-wise, which keeps the
-    per-row Python work to one key per table (its dimensions picked by a C-level
-    itemgetter); each row's latency and TTFT sketch buckets are computed once for
-    all sketch tables, and a key holding a single row reuses that row's measures.
+    Only the specs no other spec refines (roots: finest grain, widest key) are grouped from the
+    rows, one C-level itemgetter key per row; every other spec is summed from its parent's
+    groups (hour from 5 minutes, day from hour, accounts from accounts x models, ...), which are
+    far fewer than the rows. Sketch bins and sets are merged from the parent's when it has them,
+    else counted from the group's member rows. The result is the same as grouping each spec
+    from the rows (tests/test_rollup.py checks it).
     """
+    key = tuple(specs)
+    derivation = _DERIVATIONS.get(key)
+    if derivation is None:
+        derivation = _DERIVATIONS[key] = _derivation(specs)
     measures = [_measures(row) for row in rows]
     stamps = [row["ts_ms"] for row in rows]
-    set_values: list[tuple[str | None, ...]] | None = [] if any(spec.sets for spec in specs) else None
-    plan = []
-    for spec in specs:
-        getter = _KEY_GETTERS.get(spec.dims)
-        if getter is None:
-            getter = _KEY_GETTERS[spec.dims] = _key_getter(spec.dims)
-        plan.append((spec.grain_ms, getter, {}))
-    for n, row in enumerate(rows):
-        ts = stamps[n]
-        dims = _dims(row)
-        if set_values is not None:
-            set_values.append(tuple(None if dims[d] == skip else dims[d] for d, skip in SET_COLUMNS.values()))
-        for grain, getter, groups in plan:
-            key = (ts - ts % grain,) + getter(dims)
-            members = groups.get(key)
-            if members is None:
-                groups[key] = [n]
-            else:
-                members.append(n)
+    dims = [_dims(row) for row in rows]
     buckets: list[tuple[int | None, int | None]] | None = None
     if any(spec.sketches for spec in specs):
         buckets = [(_sample_bucket(row.get("latency_ms")), _sample_bucket(row.get("ttft_ms"))) for row in rows]
+    set_values: list[tuple[str | None, ...]] | None = None
+    if any(spec.sets for spec in specs):
+        set_values = [tuple(None if d[col] == skip else d[col] for col, skip in SET_COLUMNS.values())
+                      for d in dims]
+    groups_of: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
     out: dict[str, list[tuple[Any, ...]]] = {}
-    set_cache: dict[tuple[int, ...], tuple[str, ...]] = {}
-    for spec, (_, _, groups) in zip(specs, plan):
-        params = []
-        for key, members in groups.items():
-            if len(members) == 1:
-                n = members[0]
+    for spec, parent, getter in derivation:
+        grain = spec.grain_ms
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        if parent is None:
+            members_of: dict[tuple[Any, ...], list[int]] = {}
+            for n, d in enumerate(dims):
                 ts = stamps[n]
-                param = key + measures[n] + (ts, ts, ts if measures[n][2] else None)
-                if buckets is not None and spec.sketches:
-                    lat, ttft = buckets[n]
+                k = (ts - ts % grain,) + getter(d)
+                found = members_of.get(k)
+                if found is None:
+                    members_of[k] = [n]
+                else:
+                    found.append(n)
+            for k, members in members_of.items():
+                if len(members) == 1:
+                    n = members[0]
+                    ts = stamps[n]
+                    groups[k] = [measures[n], ts, ts, ts if measures[n][2] else None, members, None, None, None]
+                else:
+                    times = [stamps[n] for n in members]
+                    failed = [stamps[n] for n in members if measures[n][2]]
+                    groups[k] = [tuple(map(sum, zip(*(measures[n] for n in members)))), min(times), max(times),
+                                 max(failed) if failed else None, members, None, None, None]
+        else:
+            parts_of: dict[tuple[Any, ...], list[list[Any]]] = {}
+            for pk, pg in groups_of[parent.table].items():
+                b = pk[0]
+                k = (b - b % grain,) + getter(pk)
+                found = parts_of.get(k)
+                if found is None:
+                    parts_of[k] = [pg]
+                else:
+                    found.append(pg)
+            for k, parts in parts_of.items():
+                if len(parts) == 1:
+                    groups[k] = list(parts[0])
+                    continue
+                fails = [p[_LAST_FAIL] for p in parts if p[_LAST_FAIL] is not None]
+                members = [n for p in parts for n in p[_MEMBERS]]
+                merged = [tuple(map(sum, zip(*(p[_SUMS] for p in parts)))), min(p[_FIRST] for p in parts),
+                          max(p[_LAST] for p in parts), max(fails) if fails else None, members, None, None, None]
+                if parts[0][_LAT] is not None:
+                    merged[_LAT] = _merge_bins(p[_LAT] for p in parts)
+                    merged[_TTFT] = _merge_bins(p[_TTFT] for p in parts)
+                if parts[0][_SETS] is not None:
+                    merged[_SETS] = tuple(set().union(*(p[_SETS][i] for p in parts))
+                                          for i in range(len(SET_COLUMNS)))
+                groups[k] = merged
+        groups_of[spec.table] = groups
+        params = []
+        for k, g in groups.items():
+            param = k + g[_SUMS] + (g[_FIRST], g[_LAST], g[_LAST_FAIL])
+            if spec.sketches and buckets is not None:
+                members = g[_MEMBERS]
+                if len(members) == 1:
+                    lat, ttft = buckets[members[0]]
                     param += (_one_sample_blob(lat), _one_sample_blob(ttft))
-                if set_values is not None and spec.sets:
-                    param += tuple(_one_value_set(v) for v in set_values[n])
-                params.append(param)
-                continue
-            sums = tuple(map(sum, zip(*(measures[n] for n in members))))
-            times = [stamps[n] for n in members]
-            failed = [stamps[n] for n in members if measures[n][2]]
-            param = key + sums + (min(times), max(times), max(failed) if failed else None)
-            if buckets is not None and spec.sketches:
-                param += (_sketch_blob(buckets[n][0] for n in members),
-                          _sketch_blob(buckets[n][1] for n in members))
-            if set_values is not None and spec.sets:
-                # the 5-minute, hour and day groups of a batch mostly have the same members
-                ident = tuple(members)
-                encoded = set_cache.get(ident)
-                if encoded is None:
-                    encoded = set_cache[ident] = tuple(
-                        encode_set(v for n in members if (v := set_values[n][i]) is not None)
-                        for i in range(len(SET_COLUMNS)))
-                param += encoded
+                    g[_LAT] = {} if lat is None else {lat: 1}
+                    g[_TTFT] = {} if ttft is None else {ttft: 1}
+                else:
+                    if g[_LAT] is None:
+                        g[_LAT] = _count_bins(buckets[n][0] for n in members)
+                        g[_TTFT] = _count_bins(buckets[n][1] for n in members)
+                    param += (sketch.encode(g[_LAT]) if g[_LAT] else None,
+                              sketch.encode(g[_TTFT]) if g[_TTFT] else None)
+            if spec.sets and set_values is not None:
+                if g[_SETS] is None:
+                    g[_SETS] = tuple({v for n in g[_MEMBERS] if (v := set_values[n][i]) is not None}
+                                     for i in range(len(SET_COLUMNS)))
+                sets = g[_SETS]
+                param += tuple(_one_value_set(next(iter(v))) if len(v) == 1 else encode_set(v) for v in sets)
             params.append(param)
         out[spec.table] = params
     return out

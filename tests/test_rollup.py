@@ -401,6 +401,24 @@ def test_upsert_params_single_and_grouped_keys_by_hand():
     assert lone[5 + n:] == (11 * hour, 11 * hour, None, None, Sketch({sketch_index(40): 1}).to_bytes())
 
 
+@pytest.mark.parametrize("span", [2 * HOUR, 3 * DAY])  # dense (groups merge) and sparse (mostly single rows)
+def test_upsert_params_derived_from_parent_groups_equal_each_table_grouped_from_the_rows(span):
+    """upsert_params groups only the root tables from the rows and sums every other table from its
+    parent's groups (day from hour, accounts from accounts x models, ...). Each table alone has no
+    parent, so it is grouped straight from the rows: both must give the same parameters, sketch
+    blobs and set encodings included, whatever the parameter order."""
+    rows = [dict(e.row) for e in random_events(2000, seed=21, span=span)]
+    derived = rollup.upsert_params(rows)
+    assert [t for t, p in derived.items() if rollup._parent(rollup.SPEC_BY_TABLE[t], rollup.SPECS) is None] == [
+        "rollup_api_key_day", "rollup_traffic_5m", "rollup_api_key_sets_5m", "rollup_account_model_failure_hour"]
+    assert set(derived) == {spec.table for spec in rollup.SPECS}
+    for spec in rollup.SPECS:
+        alone = rollup.upsert_params(rows, [spec])[spec.table]
+        assert sorted(derived[spec.table], key=repr) == sorted(alone, key=repr), spec.table
+    merged = rollup.upsert_params(rows)["rollup_latency_total_day"]
+    assert sum(p[1 + len(rollup._LATENCY_TOTAL)] for p in merged) == 2000  # requests
+
+
 def test_backfill_and_rebuild_in_small_slices_equal_incremental(conn, monkeypatch):
     """backfill/rebuild read a chunk's events STREAM_ROWS at a time (bounded memory at 10 M);
     slicing a day into 7-event pieces must give the very same rows, sketches and sets byte for byte."""
