@@ -39,12 +39,12 @@ class Settings:
     pop_side: str = _opt("right", "pop command for resp mode: right (RPOP) | left (LPOP)")
     batch_size: int = _opt(500, "events popped per request (resp/http); see commit_max for transactions")
     commit_max: int = _opt(
-        2000, "largest transaction: under a backlog consecutive full pops are stored together, up to this many "
+        4000, "largest transaction: under a backlog consecutive full pops are stored together, up to this many "
         "events (also `ingest`'s transaction size); a kill can lose what is held, see docs/collector.md"
     )
     normalize_workers: int = _opt(
-        0, "collector: 1 = a worker process normalizes the next popped batch while the collector thread stores "
-        "the current one (two cores; up to two popped batches in memory); 0: none"
+        0, "collector: 1 = a worker process normalizes the next popped group while the collector thread stores "
+        "the current one (two cores; up to two popped groups in memory); N > 1 splits each group across N; 0: none"
     )
     poll_interval_ms: int = _opt(500, "wait after an empty pop; must be shorter than CPA's queue retention")
     auth_files_ttl_s: int = _opt(30, "how long CPA's auth-file list is cached for account enrichment")

@@ -33,6 +33,10 @@ _HASH_COLUMNS = ("event_hash", "source_hash")
 _CACHE_MODES = {"included_in_input": "i", "separate_from_input": "s"}
 _CACHE_CODES = {v: k for k, v in _CACHE_MODES.items()}
 COMPRESSED_PRIVATE = ("raw_json",)
+# The events columns pack() may change; rollups read none of them (a test checks), so they can
+# aggregate packed rows.
+PACKED_COLUMNS = ("event_hash", "source_hash", "ts", "ts_sub_ns", "billing_model", "cache_input_mode",
+                  "method", "path")
 
 
 def _sub_ms_nanos(ts: str, ts_ms: int) -> int | None:

@@ -101,21 +101,23 @@ def insert_batch(
             if not conn.changes():
                 result.duplicates += 1
                 continue
-            row = _enrich(conn, item.row, instance, accounts)
+            # compact form (rowpack); packing leaves alone the account columns _enrich fills
+            row = rowpack.pack(_enrich(conn, item.row, instance, accounts))
             row["id"] = next_id
             events.append(row)
             private = {k: v for k, v in item.private.items() if v is not None}
             if private:
                 private["event_id"] = next_id
-                privates.append(private)
+                privates.append(rowpack.pack_private(private))
             result.inserted_ids.append(next_id)
             next_id += 1
-        _insert_rows(conn, "events", [rowpack.pack(row) for row in events])  # compact form (rowpack)
+        _insert_rows(conn, "events", events)
+        # rollups read no column packing changes (rowpack.PACKED_COLUMNS), so they take the packed rows
         if rollup_rows is None:
             rollup.apply(conn, events)  # rollups see only new rows, so dedup keeps them exact
         else:
             rollup_rows.extend(events)
-        _insert_rows(conn, "event_private", [rowpack.pack_private(row) for row in privates])
+        _insert_rows(conn, "event_private", privates)
         if dead:
             conn.executemany(INSERT_DEAD_LETTER, dead)
     result.inserted = len(events)

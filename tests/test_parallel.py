@@ -55,6 +55,23 @@ def test_results_match_local_normalize_in_input_order(pool):
     assert pool.fallbacks == 0
 
 
+def test_a_batch_submitted_to_two_workers_is_split_and_comes_back_in_input_order():
+    two = NormalizePool(2, "east")
+    try:
+        items = raws(300)
+        pending = two.submit(items)
+        assert len(pending._futures) == 2  # one part per worker: 150 + 150
+        got = pending.result()
+        want = [normalize(r, instance="east") for r in items]
+        assert len(got) == 300 and all(same(g, w) for g, w in zip(got, want))
+        assert got[299].row["input_tokens"] == 299 and two.fallbacks == 0
+        small = two.submit(raws(MIN_PARALLEL + 10))
+        assert len(small._futures) == 1  # a part per worker only when each gets MIN_PARALLEL items
+        assert len(small.result()) == MIN_PARALLEL + 10
+    finally:
+        two.close()
+
+
 def test_small_batches_and_zero_workers_stay_in_process():
     zero = NormalizePool(0)
     assert zero.normalize_all(raws(200))[10].row["request_id"] == "r10"

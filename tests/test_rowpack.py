@@ -84,6 +84,16 @@ def test_insert_stores_the_packed_row_and_export_gives_the_full_one(tmp_path):
     conn.close()
 
 
+def test_rollups_read_no_column_that_packing_changes():
+    """insert_batch hands the packed rows to rollup.apply (one dict per event, not two)."""
+    from datasource import rollup
+
+    assert not set(rollup.SOURCE_COLUMNS) & set(rowpack.PACKED_COLUMNS)
+    row = normalize(payload(), now_ms=TS_MS).row
+    packed = rowpack.pack(row)
+    assert {k for k in row if packed.get(k) != row[k]} | (set(packed) - set(row)) <= set(rowpack.PACKED_COLUMNS)
+
+
 def _schema3(path: str) -> apsw.Connection:
     conn = connect(path)
     with conn:
