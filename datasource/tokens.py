@@ -63,8 +63,13 @@ class TokenCounts:
 
 
 def _containers(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    found = [obj.get("tokens"), obj.get("usage")]
-    return [c for c in found if isinstance(c, (dict, Mapping))] + [obj]  # dict first: Mapping alone is slow
+    out = []
+    for c in (obj.get("tokens"), obj.get("usage")):
+        # a dict (JSON's objects) or absent is the common case; the Mapping ABC check is slow
+        if type(c) is dict or (c is not None and isinstance(c, Mapping)):
+            out.append(c)
+    out.append(obj)
+    return out
 
 
 def read_count(containers: list[Mapping[str, Any]], keys: tuple[str, ...]) -> int:
@@ -82,9 +87,10 @@ def _contains_any(text: str, markers: tuple[str, ...]) -> bool:
 
 
 def cache_input_mode(obj: Mapping[str, Any], executor: str, provider: str, models: tuple[str, ...],
-                     cache_read: int, cache_creation: int) -> str:
+                     cache_read: int, cache_creation: int,
+                     containers: list[Mapping[str, Any]] | None = None) -> str:
     """included_in_input or separate_from_input; the first matching rule of reference 3.7 decides."""
-    for container in _containers(obj)[:-1]:
+    for container in (containers or _containers(obj))[:-1]:
         explicit = as_text(container.get("cache_input_mode")).strip().lower()
         if explicit in (INCLUDED, SEPARATE):
             return explicit
@@ -107,7 +113,7 @@ def read_tokens(obj: Mapping[str, Any], executor: str, provider: str, models: tu
     raw = {name: read_count(containers, keys) for name, keys in _ALIASES.items()}
     cached = max(raw["cached"], raw["cache"])
     read, creation = raw["cache_read"], raw["cache_creation"]
-    mode = cache_input_mode(obj, executor, provider, models, read, creation)
+    mode = cache_input_mode(obj, executor, provider, models, read, creation, containers)
     compat = max(cached - (read + creation), 0)
     norm_read = compat + read
     if mode == INCLUDED:
