@@ -178,12 +178,13 @@ SERIES_POINTS = 288
 
 def timeseries(title: str, targets: list[dict[str, Any]], unit: str, w: int = 12, h: int = 8,
                overrides: list[dict[str, Any]] | None = None, description: str = "",
-               stack: bool = False, min_interval: str | None = None, **defaults: Any) -> dict[str, Any]:
+               stack: bool = False, min_interval: str | None = None, max_points: int = 0,
+               **defaults: Any) -> dict[str, Any]:
     p = _panel("timeseries", title, w, h, targets, description)
     # One point per 5 minutes over a day whatever the panel's width (Grafana would ask 1-2 minute
     # buckets at 24 h from the width): 5-minute buckets come from rollups (docs/performance.md),
     # and longer ranges get 30 min to 3 h steps, shorter ones seconds.
-    p["maxDataPoints"] = SERIES_POINTS
+    p["maxDataPoints"] = max_points or SERIES_POINTS
     if min_interval:  # Grafana's "Min interval": no finer buckets than the rollups that answer them
         p["interval"] = min_interval
     custom = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 18 if stack else 8,

@@ -150,7 +150,10 @@ def usage() -> dict[str, Any]:
         timeseries("Est. cost by model", [target("A", "timeseries", V, measure="cost", split_by="model")],
                    "currencyUSD", stack=True),
         timeseries("Est. cost by API key", [target("A", "timeseries", V, measure="cost", split_by="api_key")],
-                   "currencyUSD", w=8, stack=True),
+                   "currencyUSD", w=8, stack=True, max_points=30,
+                   description="At most 30 points (hourly at 24 h, 6-hourly at 7 d, daily at 30 d): API key x "
+                               "account x model is kept daily only, so finer buckets filtered by account or "
+                               "model read every raw event of that account in the range."),
         timeseries("Est. cost by account", [target("A", "timeseries", V, measure="cost", split_by="account")],
                    "currencyUSD", w=8, stack=True, min_interval="1h",
                    description="Hourly buckets at least: the account rollups are hourly and daily, so "

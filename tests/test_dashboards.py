@@ -368,10 +368,27 @@ def test_time_series_ask_five_minute_buckets_at_24_hours(hours, step_ms):
             if panel["type"] != "timeseries":
                 continue
             body = sim.query_body(dash, panel, state)
+            if panel["title"] == "Est. cost by API key":  # 30 points: test below
+                continue
             # a panel with a min interval (cost by account: hourly account rollups) asks at least that
             want = max(step_ms, sim.parse_interval(panel.get("interval")))
             assert (body["intervalMs"], body["maxDataPoints"]) == (want, 288), panel["title"]
             assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == want
+
+
+@pytest.mark.parametrize("hours, step_ms", [(1, 120_000), (24, 3_600_000), (7 * 24, 21_600_000),
+                                            (30 * 24, 86_400_000)])
+def test_cost_by_api_key_asks_daily_buckets_at_30_days(hours, step_ms):
+    """API key x account x model is kept daily only: at most 30 points, so 30 days are whole days
+    (rollup_api_key_day when filtered by account or model) and 7 days 6-hour buckets."""
+    from datasource.query_series import bucket_step
+
+    dash = dashboards()["usage-analytics.json"]
+    panel = next(p for p in panels(dash) if p["title"] == "Est. cost by API key")
+    state = sim.state_from_dashboard(dash, T1 - hours * 3_600_000, T1)
+    body = sim.query_body(dash, panel, state)
+    assert (body["intervalMs"], body["maxDataPoints"]) == (step_ms, 30)
+    assert bucket_step(state.from_ms, state.to_ms, body["intervalMs"], body["maxDataPoints"]) == step_ms
 
 
 def test_series_split_by_account_ask_hourly_buckets_at_least():
