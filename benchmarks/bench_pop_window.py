@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 
-import redis
-
-from benchmarks.bench_ingest import PASSWORD, SERVER_BINARY, _free_port
+from benchmarks.bench_ingest import PASSWORD, start_queue
 from benchmarks.generate import DAY_MS, DEFAULT_END_MS
 from benchmarks.shape import payloads
 from datasource.db import open_database
@@ -33,18 +30,8 @@ from datasource.sources import RespConnection
 
 
 def run(events: int, batch: int, workdir: str) -> dict[str, float]:
-    port = _free_port()
-    server = subprocess.Popen([SERVER_BINARY, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--requirepass", PASSWORD, "--dir", workdir],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, client = start_queue(workdir)
     try:
-        client = redis.Redis(port=port, password=PASSWORD, protocol=2)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         pipe = client.pipeline(transaction=False)
         for raw in payloads(events, DEFAULT_END_MS - DAY_MS, DEFAULT_END_MS):
             pipe.rpush("usage", raw)

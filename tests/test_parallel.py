@@ -126,6 +126,15 @@ def _events(lo: int, hi: int) -> list[bytes]:
                         "tokens": {"input_tokens": i}}).encode() for i in range(lo, hi)]
 
 
+def _pops_then_reset(batches: list[list[bytes]]):
+    """A pop that hands out `batches` in order, then fails as a dropped connection would."""
+    def pop() -> list[bytes]:
+        if not batches:
+            raise ConnectionError("connection reset")
+        return batches.pop(0)
+    return pop
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order(settings, workers):
     loop = _loop(settings, workers, batch=100)
@@ -192,11 +201,7 @@ def test_pump_stores_a_partial_group_when_a_later_pop_fails(settings, monkeypatc
     monkeypatch.setattr(store, "insert_batch",
                         lambda conn, items, **kw: transactions.append(len(items)) or insert_batch(conn, items, **kw))
 
-    def pop() -> list[bytes]:
-        if not batches:
-            raise ConnectionError("connection reset")
-        return batches.pop(0)
-
+    pop = _pops_then_reset(batches)
     try:
         with pytest.raises(ConnectionError):
             loop.pump(pop, drain=False)
@@ -210,12 +215,7 @@ def test_pump_stores_a_partial_group_when_a_later_pop_fails(settings, monkeypatc
 def test_pump_stores_the_batch_in_hand_when_a_pop_fails_and_drain_stops_at_a_short_pop(settings):
     loop = _loop(settings, 1, batch=100)
     batches = [_events(0, 100), _events(100, 200)]
-
-    def pop() -> list[bytes]:
-        if not batches:
-            raise ConnectionError("connection reset")
-        return batches.pop(0)
-
+    pop = _pops_then_reset(batches)
     try:
         with pytest.raises(ConnectionError):
             loop.pump(pop, drain=False)
