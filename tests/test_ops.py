@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import replace
 
+import pytest
 from click.testing import CliRunner
 
 from collector_helpers import FAST, KEY, event, event_count, query, request_ids, scalar, settings_for, wait_for
@@ -42,15 +43,18 @@ def _numbers(db: str) -> list[int]:
 
 
 # --- WAL --------------------------------------------------------------------------------------
-def test_wal_stays_bounded_under_ingest_with_busy_readers(settings, monkeypatch):
+# (transaction size, events): one pop of 100 per transaction, and the default grouping of pops into
+# transactions of up to 4,000 (then 40,000 events, so the ingest outlasts a few supervisor ticks)
+@pytest.mark.parametrize("commit_max, total", [(100, 6000), (4000, 40000)])
+def test_wal_stays_bounded_under_ingest_with_busy_readers(settings, monkeypatch, commit_max, total):
     limit = 4 * 1024 * 1024
     monkeypatch.setattr(collector_module, "WAL_TRUNCATE_BYTES", limit)
     conn = open_database(settings.db)
     assert (conn.pragma("wal_autocheckpoint"), conn.pragma("journal_size_limit")) == (1000, 64 * 1024 * 1024)
     conn.close()
-    total = 6000
     with RedisServer(KEY) as server:
-        svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left"), timing=FAST)
+        svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
+                                            commit_max=commit_max), timing=FAST)
         svc.start()
         stop, biggest, queries = threading.Event(), [0], [0]
 
