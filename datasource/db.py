@@ -52,7 +52,10 @@ def setup_sqlite() -> None:
 
 
 WRITER_CACHE_KIB = 32 * 1024
-READER_CACHE_KIB = 8 * 1024
+# Per reader connection, and `serve` keeps one per gunicorn thread (8): with 8 MiB each the worker
+# peaked at 316 MB under back-to-back 30 d refreshes of the 10 M file, 258 MB with 4 MiB, at the
+# same refresh times (benchmarks/bench_memory.py, bench_query; docs/performance.md).
+READER_CACHE_KIB = 4 * 1024
 
 
 def _on_read_only_fs_without_wal(path: str) -> bool:
