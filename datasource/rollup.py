@@ -230,15 +230,6 @@ def _sample_bucket(value: Any) -> int | None:
     return sketch.bucket_index(value)
 
 
-def _sketch_blob(buckets: Iterable[int | None]) -> bytes | None:
-    """The serialized sketch of some samples, given as their bucket indexes (None: no sample)."""
-    bins: dict[int, int] = {}
-    for i in buckets:
-        if i is not None:
-            bins[i] = bins.get(i, 0) + 1
-    return sketch.encode(bins) if bins else None
-
-
 _ONE_SAMPLE: dict[int | None, bytes | None] = {None: None}  # single-sample blobs by bucket (a few hundred)
 
 

@@ -86,11 +86,11 @@ def _contains_any(text: str, markers: tuple[str, ...]) -> bool:
     return any(m in text for m in markers)
 
 
-def cache_input_mode(obj: Mapping[str, Any], executor: str, provider: str, models: tuple[str, ...],
-                     cache_read: int, cache_creation: int,
-                     containers: list[Mapping[str, Any]] | None = None) -> str:
-    """included_in_input or separate_from_input; the first matching rule of reference 3.7 decides."""
-    for container in (containers or _containers(obj))[:-1]:
+def cache_input_mode(containers: list[Mapping[str, Any]], executor: str, provider: str, models: tuple[str, ...],
+                     cache_read: int, cache_creation: int) -> str:
+    """included_in_input or separate_from_input; the first matching rule of reference 3.7 decides.
+    `containers` as `_containers` gives them (the event itself last)."""
+    for container in containers[:-1]:
         explicit = as_text(container.get("cache_input_mode")).strip().lower()
         if explicit in (INCLUDED, SEPARATE):
             return explicit
@@ -113,7 +113,7 @@ def read_tokens(obj: Mapping[str, Any], executor: str, provider: str, models: tu
     raw = {name: read_count(containers, keys) for name, keys in _ALIASES.items()}
     cached = max(raw["cached"], raw["cache"])
     read, creation = raw["cache_read"], raw["cache_creation"]
-    mode = cache_input_mode(obj, executor, provider, models, read, creation, containers)
+    mode = cache_input_mode(containers, executor, provider, models, read, creation)
     compat = max(cached - (read + creation), 0)
     norm_read = compat + read
     if mode == INCLUDED:
