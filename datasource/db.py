@@ -54,7 +54,8 @@ def setup_sqlite() -> None:
 WRITER_CACHE_KIB = 32 * 1024
 # Per reader connection, and `serve` keeps one per gunicorn thread (8): with 8 MiB each the worker
 # peaked at 316 MB under back-to-back 30 d refreshes of the 10 M file, 258 MB with 4 MiB, at the
-# same refresh times (benchmarks/bench_memory.py, bench_query; docs/performance.md).
+# same refresh times (both runs under the retention-prune load docs/performance.md describes;
+# without it 226 MB with 4 MiB: benchmarks/bench_memory.py, bench_query).
 READER_CACHE_KIB = 4 * 1024
 
 
@@ -96,7 +97,7 @@ def connect(path: str, *, readonly: bool = False, busy_timeout_ms: int = 5000) -
         conn.pragma("journal_size_limit", 64 * 1024 * 1024)
         if not conn.readonly("main"):  # SQLite opens a file it cannot write read-only, silently
             _optimize(conn, busy_timeout_ms)
-    # Page cache: 32 MiB for the writer; 8 MiB per reader, since gunicorn gives each of its
+    # Page cache: 32 MiB for the writer; READER_CACHE_KIB per reader, since gunicorn gives each of its
     # threads a read connection (8 threads x 32 MiB pushed the service past 300 MB RSS).
     conn.pragma("cache_size", -(READER_CACHE_KIB if readonly else WRITER_CACHE_KIB))
     return conn
