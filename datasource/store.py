@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 Connection = apsw.Connection
 StoreError = apsw.Error
 
-INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms) VALUES (?, ?)"
+INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms) VALUES (?, ?) RETURNING hash"
 SELECT_MAX_EVENT_ID = "SELECT coalesce(max(id), 0) FROM events"
 SELECT_ACCOUNT = (
     "SELECT name, label, account, provider, project_id FROM accounts "
@@ -93,16 +93,21 @@ def insert_batch(
     with txn.write(conn):
         next_id = conn.execute(SELECT_MAX_EVENT_ID).get + 1
         accounts: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        # one statement for the batch's ledger keys: RETURNING gives the keys it added, so an
+        # event whose key was already there (or came earlier in this batch) is a duplicate
+        keys = [(item.ledger_hash, item.row["ts_ms"]) for item in items if not isinstance(item, Rejected)]
+        fresh = {row[0] for row in conn.executemany(INSERT_LEDGER, keys)} if keys else set()
         for item in items:
             if isinstance(item, Rejected):
                 dead.append((received_ms, instance, origin, item.reason, item.payload))
                 continue
-            conn.execute(INSERT_LEDGER, (item.ledger_hash, item.row["ts_ms"]))
-            if not conn.changes():
+            if item.ledger_hash not in fresh:
                 result.duplicates += 1
                 continue
-            # compact form (rowpack); packing leaves alone the account columns _enrich fills
-            row = rowpack.pack(_enrich(conn, item.row, instance, accounts))
+            fresh.discard(item.ledger_hash)
+            # compact form (rowpack, a copy); packing leaves alone the account columns _enrich fills
+            row = rowpack.pack(item.row)
+            _enrich(conn, row, instance, accounts)
             row["id"] = next_id
             events.append(row)
             private = {k: v for k, v in item.private.items() if v is not None}
@@ -147,27 +152,26 @@ def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) 
 
 def _enrich(
     conn: apsw.Connection,
-    row: Mapping[str, Any],
+    out: dict[str, Any],
     instance: str,
     cache: dict[tuple[str, str], tuple[Any, ...] | None],
-) -> dict[str, Any]:
-    """A copy of `row` with account fields filled from CPA's auth files (the accounts table).
+) -> None:
+    """Fill `out`'s account fields from CPA's auth files (the accounts table), in place.
 
     The auth file's account, else its label, names the account when the event has none or only
     the fallback normalize puts there (the masked `source`): reference 3.5 precedence is
     account, label, then source. An account the event brought itself (an imported export line)
     is kept; auth file, project and provider fill only empty fields.
     """
-    out = dict(row)
     auth_index = out.get("auth_index")
     if not auth_index:
-        return out
+        return
     key = (out.get("instance") or instance, str(auth_index))
     if key not in cache:
         cache[key] = conn.execute(SELECT_ACCOUNT, key).fetchone()
     found = cache[key]
     if found is None:
-        return out
+        return
     name, label, account, provider, project_id = found
     current_account = out.get("account")
     if (account or label) and (not current_account or current_account == out.get("source")):
@@ -180,7 +184,6 @@ def _enrich(
     if provider and (not current or current == "unknown" or current == out.get("payload_provider")):
         out.setdefault("payload_provider", current)
         out["provider"] = provider
-    return out
 
 
 def prune(conn: apsw.Connection, older_than_ms: int, *, batch: int = 5000) -> int:

@@ -53,6 +53,21 @@ def test_duplicate_within_one_batch_counts_once(conn):
     assert conn.execute("SELECT sum(input_tokens) FROM events").get == 150
 
 
+def test_ledger_keys_old_repeated_and_new_in_one_batch(conn):
+    store.insert_batch(conn, [event(1)], origin="test")
+    result = store.insert_batch(conn, [event(9), event(1), event(9), event(10)], origin="test")
+    # event 1 is in the ledger already, the second event 9 repeats the first; ids follow input order
+    assert (result.inserted, result.duplicates, result.inserted_ids) == (2, 2, [2, 3])
+    assert conn.execute("SELECT id, input_tokens FROM events ORDER BY id").fetchall() == [(1, 10), (2, 90), (3, 100)]
+    assert count(conn, "event_ledger") == 3
+
+
+def test_batch_of_rejected_items_only(conn):
+    result = store.insert_batch(conn, [Rejected("not an object", b"[]")], origin="test", now_ms=5)
+    assert (result.inserted, result.duplicates, result.dead_letters) == (0, 0, 1)
+    assert count(conn, "event_ledger") == 0
+
+
 def test_private_row_only_when_it_has_a_value(conn):
     plain = event(1)
     secret = event(2, private={"fail_body": "raw body", "client_ip": "192.0.2.1", "x_forwarded_for": None,
