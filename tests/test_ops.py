@@ -129,6 +129,37 @@ def test_retention_runs_daily_in_the_collector_and_keeps_rollups(settings):
     assert scalar(settings.db, "SELECT count(*) FROM event_ledger") == 15  # a pruned event stays a duplicate
 
 
+def test_retention_catches_up_over_several_ticks_and_logs_the_total(settings, monkeypatch, caplog):
+    """A prune larger than one tick's budget goes on at the next tick from the same cutoff; the
+    day's next prune is scheduled once it has finished (transactions of 3 and no time budget here,
+    so each tick deletes one transaction)."""
+    conn = open_database(settings.db)
+    store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(10)], origin="test")
+    conn.close()
+    steps: list[tuple[int, bool]] = []
+    real_step = store.prune_step
+
+    def small_steps(conn, older_than_ms, **kwargs):
+        steps.append(real_step(conn, older_than_ms, batch=3, budget_s=0, stop=kwargs.get("stop")))
+        return steps[-1]
+
+    monkeypatch.setattr(store, "prune_step", small_steps)
+    caplog.set_level("INFO", logger="datasource.collector")
+    clock = [time.time() + 40 * DAY_S]
+    with RedisServer(KEY) as server:
+        cfg = settings_for(settings, server.url, collector_mode="resp", retention_days=30)
+        svc = CollectorService(cfg, timing=replace(FAST, lock_retry_s=0.05), now=lambda: clock[0])
+        svc.start()
+        try:
+            wait_for(lambda: event_count(settings.db) == 0)
+            time.sleep(0.3)  # more ticks: the next prune is a day away
+        finally:
+            svc.stop()
+    assert steps == [(3, False), (3, False), (3, False), (1, True)]
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retention:")]
+    assert done == ["retention: pruned 10 events older than 30 days"]
+
+
 def test_supervisor_error_is_logged_once_while_it_repeats_then_its_recovery(settings, tmp_path, caplog, monkeypatch):
     """The database directory is a plain file: every 0.1 s tick fails the same way. One ERROR
     with its traceback, not one per tick; a repeat line only after REPEAT_LOG_S; an INFO when

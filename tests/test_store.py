@@ -246,3 +246,19 @@ def test_deferred_rollups_are_the_rows_a_later_apply_adds(conn, tmp_path):
         query = f"SELECT * FROM {spec.table} ORDER BY " + ", ".join(("bucket_ms",) + spec.dims)
         assert conn.execute(query).fetchall() == other.execute(query).fetchall(), spec.table
     other.close()
+
+
+def test_prune_step_stops_at_its_budget_or_stop_and_finishes_with_dead_letters(conn):
+    old, new = 1_000_000, 2_000_000
+    store.insert_batch(conn, [event(i, ts_ms=old + i) for i in range(5)] + [event(9, ts_ms=new)], origin="test")
+    store.insert_batch(conn, [Rejected("bad", b"x")], origin="test", now_ms=old)
+    # a zero budget ends after one transaction of 2; so does stop()
+    assert store.prune_step(conn, new, batch=2, budget_s=0) == (2, False)
+    assert store.prune_step(conn, new, batch=2, stop=lambda: True) == (2, False)
+    assert count(conn, "dead_letters") == 1  # kept until the prune finishes
+    assert store.prune_step(conn, new, batch=2, budget_s=0) == (1, True)
+    assert count(conn, "dead_letters") == 0
+    assert conn.execute("SELECT ts_ms FROM events").fetchall() == [(new,)]
+    assert store.prune_step(conn, new, batch=2) == (0, True)
+    with pytest.raises(ValueError):
+        store.prune_step(conn, new, batch=0)
