@@ -104,7 +104,9 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
                                      normalize_workers=workers,
-                                     log_level="WARNING")
+                                     # the payloads lie in the past: the default 30-day retention's
+                                     # first tick could delete what the first group stored
+                                     retention_days=36500, log_level="WARNING")
         service = CollectorService(settings)
         start = time.perf_counter()
         cpu_start = time.process_time()  # this process's CPU (the collector threads), immune to other jobs
