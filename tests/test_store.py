@@ -262,3 +262,26 @@ def test_prune_step_stops_at_its_budget_or_stop_and_finishes_with_dead_letters(c
     assert store.prune_step(conn, new, batch=2) == (0, True)
     with pytest.raises(ValueError):
         store.prune_step(conn, new, batch=0)
+
+
+def test_step_10_keys_the_ledger_by_time_and_keeps_every_key(tmp_path):
+    from datasource.db import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, connect, migrate
+
+    path = str(tmp_path / "step9.db")
+    old = connect(path)
+    with old:
+        for step in MIGRATIONS[:9]:
+            step(old) if callable(step) else old.execute(step)
+        old.pragma("user_version", 9)
+        old.pragma("application_id", APPLICATION_ID)
+    batch = [event(3, ts_ms=3_000), event(1, ts_ms=1_000), event(2, ts_ms=2_000)]
+    assert store.insert_batch(old, batch, origin="test").inserted == 3  # ledger keyed by hash alone
+    before = sorted(old.execute("SELECT ts_ms, hash FROM event_ledger").fetchall())
+    assert migrate(old) == SCHEMA_VERSION >= 10
+    pk = [(row[1], row[5]) for row in old.execute("PRAGMA table_info(event_ledger)") if row[5]]
+    assert sorted(pk, key=lambda c: c[1]) == [("ts_ms", 1), ("hash", 2)]
+    # every key kept, and a WITHOUT ROWID scan now walks them in time order
+    assert old.execute("SELECT ts_ms, hash FROM event_ledger").fetchall() == before
+    again = store.insert_batch(old, batch + [event(4, ts_ms=4_000)], origin="test")
+    assert (again.inserted, again.duplicates) == (1, 3)
+    old.close()
