@@ -15,6 +15,8 @@
    With --into FILE the collector stores into FILE, a copy of a dataset, instead of a fresh
    file: the payloads (a new --seed per run, so none is a duplicate) fall in the dataset's last
    hours, as live traffic does, so every insert lands in full indexes and existing rollup rows.
+   Use a throwaway copy: each seed brings its own ~100 accounts into those hours (six runs took
+   the last day from 99 accounts to 792), so query benchmarks on it no longer compare.
 3. --stages: the same payloads through normalize -> store.insert_batch in this process, with the
    time per stage (decode+normalize, raw insert, rollup.apply).
 """
