@@ -48,9 +48,10 @@ from benchmarks.shape import payloads
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def status_kb(pid: int, field: str = "VmRSS:") -> int:
+def _proc_kb(path: str, field: str) -> int:
+    """The kB figure on the line of a /proc file that starts with `field`; 0 when it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field):
                     return int(line.split()[1])
@@ -59,16 +60,13 @@ def status_kb(pid: int, field: str = "VmRSS:") -> int:
     return 0
 
 
+def status_kb(pid: int, field: str = "VmRSS:") -> int:
+    return _proc_kb(f"/proc/{pid}/status", field)
+
+
 def pss_kb(pid: int) -> int:
     """Proportional set size: shared pages (the gunicorn master's, forked) are split between sharers."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def children(pid: int) -> list[int]:

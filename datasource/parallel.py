@@ -154,8 +154,7 @@ class Pending:
             if self._futures:
                 try:
                     out = [item for future in self._futures for item in _received(future.result())]
-                except Exception as exc:
-                    out = None
+                except Exception as exc:  # `out` stays None: normalized here below
                     self.pool._failed(exc)
                 self._futures = []
             self._result = out if out is not None else _normalize_chunk(self.raws, self.pool.instance)

@@ -334,8 +334,8 @@ def _derivation(specs: Sequence[RollupSpec]) -> list[tuple[RollupSpec, RollupSpe
 _DERIVATIONS: dict[tuple[RollupSpec, ...], list[tuple[RollupSpec, RollupSpec | None, Any]]] = {}
 
 # A group's aggregate: measure sums, first, last and last failure time, member rows (indexes
-# into the batch), latency and TTFT sketch bins (sketch specs only) and set columns' encodings
-# with the sets behind them (sets specs only).
+# into the batch), latency and TTFT sketch bins (sketch specs only) and the set columns' sets of
+# values (sets specs only; encoded per parameter tuple).
 _SUMS, _FIRST, _LAST, _LAST_FAIL, _MEMBERS, _LAT, _TTFT, _SETS = range(8)
 
 
