@@ -26,6 +26,12 @@ MAX_VALUES = 500
 MAX_VALUE_LEN = 512
 MAX_SEARCH_LEN = 200
 MAX_REGEX_LEN = 200
+# `trace_id` equality is answered from the (ts_ms / TRACE_BUCKET_MS, id) indexes of schema step 11,
+# one seek per hour of the window; the expression must stay the one those indexes are built on.
+TRACE_BUCKET_MS = 3_600_000
+TRACE_BUCKET_SQL = f"ts_ms / {TRACE_BUCKET_MS}"
+# a longer window (over ~2 years of hours) scans the window instead of seeking every hour
+MAX_TRACE_BUCKETS = 20_000
 # Python's re backtracks: k wide quantifiers cost about len(subject)^(k+1) steps per value
 # (`.*.*.*=` on 512 characters: 14 s, `.*a.*b`: 50 ms). Labels are at most 512 bytes.
 MAX_SUBJECT_LEN = 512
@@ -319,7 +325,29 @@ def _search_sql(text: str, params: list[Any]) -> str:
     return "(" + " OR ".join(parts) + ")"
 
 
-def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any]) -> str:
+def _trace_sql(values: tuple[str, ...], span: tuple[int, int], params: list[Any]) -> str | None:
+    """`trace_id = v` as seeks on the hour-bucketed id indexes, or None when they cannot serve it.
+
+    Same rows as the coalesce form: inside `ts_ms >= from AND ts_ms < to` every row's bucket is
+    in the list, and without an empty value `coalesce(c, '') IN vs` is `c IN vs`.
+    """
+    from_ms, to_ms = span
+    if "" in values or from_ms < 0 or to_ms <= from_ms:
+        return None
+    first, last = from_ms // TRACE_BUCKET_MS, (to_ms - 1) // TRACE_BUCKET_MS
+    if last - first >= MAX_TRACE_BUCKETS:
+        return None
+    buckets, wanted = json.dumps(list(range(first, last + 1))), json.dumps(list(values))
+    parts = []
+    for column in EVENT_COLUMNS["trace_id"]:
+        params.extend((buckets, wanted))
+        parts.append(f"({TRACE_BUCKET_SQL} IN (SELECT value FROM json_each(?)) "
+                     f"AND {column} IN (SELECT value FROM json_each(?)))")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any],
+                  span: tuple[int, int] | None = None) -> str:
     key, op = clause.key, clause.op
     if key in NUMERIC_KEYS:
         default_op = ">=" if key == "min_latency_ms" else "<="
@@ -342,15 +370,22 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
         return _status_sql(clause.values, params, code)
     if key == "cache" and (columns is EVENT_COLUMNS or columns is ROLLUP_COLUMNS):
         return "(" + " OR ".join(CACHE_WORDS[v.lower()] for v in clause.values) + ")"
+    if key == "trace_id" and columns is EVENT_COLUMNS and span is not None:
+        sql = _trace_sql(clause.values, span, params)
+        if sql is not None:
+            return sql
     return _in_list(cols, clause.values, params)
 
 
 def where_sql(
-    clauses: Iterable[Clause], columns: Mapping[str, tuple[str, ...]] = EVENT_COLUMNS
+    clauses: Iterable[Clause], columns: Mapping[str, tuple[str, ...]] = EVENT_COLUMNS,
+    span: tuple[int, int] | None = None,
 ) -> tuple[str, list[Any]]:
     """Clauses -> (`a AND b ...`, params). Keys a table lacks (absent from `columns`) are skipped.
 
     `columns` must be one of this module's fixed dicts; numeric keys and search apply to events only.
+    `span` is the caller's `ts_ms >= from AND ts_ms < to` window, when it ANDs one with the
+    fragment: trace ids are then looked up through their indexes instead of by scanning it.
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -358,7 +393,7 @@ def where_sql(
         events_only = clause.key in NUMERIC_KEYS or clause.key == "search"
         if (events_only and columns is not EVENT_COLUMNS) or (not events_only and clause.key not in columns):
             continue
-        sql = _positive_sql(clause, columns, params)
+        sql = _positive_sql(clause, columns, params, span)
         parts.append(f"NOT coalesce({sql}, 0)" if clause.op in ("!=", "!~") else sql)
     return (" AND ".join(parts) or "1"), params
 

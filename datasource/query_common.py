@@ -49,7 +49,7 @@ class Ctx:
 
 
 def events_where(clauses: Iterable[Clause], from_ms: int, to_ms: int) -> tuple[str, list[Any]]:
-    sql, params = filters.where_sql(clauses)
+    sql, params = filters.where_sql(clauses, span=(from_ms, to_ms))
     return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [from_ms, to_ms, *params]
 
 

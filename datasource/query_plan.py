@@ -228,7 +228,7 @@ class Plan:
         """WHERE text and parameters for one piece (rollup bucket range or events ts range)."""
         if piece.table == RAW:
             if self.translation is None:
-                sql, params = filters.where_sql(clauses)
+                sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms))
             else:
                 sql, params = self.translation.raw_sql, list(self.translation.raw_params)
             return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [piece.from_ms, piece.to_ms, *params]

@@ -298,3 +298,49 @@ def test_adhoc_values_cannot_change_the_sql(db, key, value, op):
 def test_adhoc_keys_outside_the_filter_list_are_refused(key):
     with pytest.raises(BadRequest):
         clauses_from_adhoc([{"key": key, "operator": "=", "value": "x"}])
+
+
+def _ids(db, clauses, from_ms, to_ms, span=True) -> list[str]:
+    sql, params = where_sql(clauses, span=(from_ms, to_ms) if span else None)
+    return [r for r, in db.execute(f"SELECT request_id FROM events WHERE ts_ms >= ? AND ts_ms < ? AND {sql} "
+                                   "ORDER BY ts_ms", (from_ms, to_ms, *params))]
+
+
+def test_trace_filter_seeks_each_hour_of_its_window(db):
+    clauses = clauses_from_payload({"trace_id": ["req_trace_10", "p01"]})
+    sql, params = where_sql(clauses, span=(T10 - 1, T10 + HOUR + 1))
+    hour = T10 // HOUR  # T10 is 10:00 sharp: the window touches 09:00, 10:00 and 11:00
+    assert params == [json.dumps([hour - 1, hour, hour + 1]), '["req_trace_10", "p01"]'] * 2
+    plan = " ".join(r[3] for r in db.execute(
+        f"EXPLAIN QUERY PLAN SELECT id FROM events WHERE ts_ms >= ? AND ts_ms < ? AND {sql}",
+        (T10 - 1, T10 + HOUR + 1, *params)))
+    assert "events_trace_hour" in plan and "events_request_hour" in plan, plan
+    # r10 by its trace id (10:50), p01 by its request id (09:30); each window gives what it holds
+    assert _ids(db, clauses, T10 - HOUR, T10 + HOUR) == ["p01", "r10"]
+    assert _ids(db, clauses, T10, T10 + HOUR) == ["r10"]
+    assert _ids(db, clauses, T10 - HOUR, T10) == ["p01"]
+    r10_ts = db.execute("SELECT ts_ms FROM events WHERE request_id = 'r10'").fetchall()[0][0]
+    assert _ids(db, clauses, r10_ts, r10_ts + 1) == ["r10"]
+    assert _ids(db, clauses, r10_ts + 1, T10 + 2 * HOUR) == []
+    # the negation keeps the other eleven rows of the three hours, as the scan form does
+    negated = clauses_from_adhoc([{"key": "trace_id", "operator": "!=|", "values": ["req_trace_10", "p01"]}])
+    kept = _ids(db, negated, T10 - HOUR, T10 + 2 * HOUR)
+    assert len(kept) == 11 and "r10" not in kept and "p01" not in kept
+    assert kept == _ids(db, negated, T10 - HOUR, T10 + 2 * HOUR, span=False)
+
+
+def test_trace_filter_scans_where_the_hour_indexes_cannot_serve(db):
+    # an empty value also matches rows without a trace id, which the partial indexes leave out
+    empty = (Clause("trace_id", "=", ("",)),)
+    sql, _ = where_sql(empty, span=(T10, T10 + HOUR))
+    assert "coalesce(trace_id, '')" in sql and "3600000" not in sql
+    assert len(_ids(db, empty, T10, T10 + HOUR)) == 9  # every row of the window but r10's
+    # a window longer than MAX_TRACE_BUCKETS hours, or one before 1970, is scanned
+    clauses = clauses_from_payload({"trace_id": "r04"})
+    far = T10 - filters.MAX_TRACE_BUCKETS * HOUR
+    for window in ((far, T10 + HOUR), (-HOUR, T10 + HOUR)):
+        sql, _ = where_sql(clauses, span=window)
+        assert "coalesce(request_id, '')" in sql
+        assert _ids(db, clauses, *window) == ["r04"]
+    assert "3600000" in where_sql(clauses, span=(far + HOUR, T10 + HOUR))[0]
+    assert _ids(db, clauses, far + HOUR, T10 + HOUR) == ["r04"]

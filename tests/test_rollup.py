@@ -284,6 +284,10 @@ def remigrate_from(conn, step: int) -> None:
             for table in ACCOUNT_INDEXED:
                 conn.execute(f"DROP INDEX IF EXISTS {table}_account")
             conn.execute("DROP INDEX IF EXISTS events_action_ts")
+        if step < 11:  # step 11 swapped the request and trace id indexes
+            conn.execute("DROP INDEX events_request_hour; DROP INDEX events_trace_hour; "
+                         "CREATE INDEX events_request_id ON events(request_id); "
+                         "CREATE INDEX events_trace_id ON events(trace_id)")
         conn.pragma("user_version", step)
     assert migrate(conn) == SCHEMA_VERSION
 

@@ -285,3 +285,34 @@ def test_step_10_keys_the_ledger_by_time_and_keeps_every_key(tmp_path):
     again = store.insert_batch(old, batch + [event(4, ts_ms=4_000)], origin="test")
     assert (again.inserted, again.duplicates) == (1, 3)
     old.close()
+
+
+def test_step_11_keys_the_request_and_trace_id_indexes_by_hour(tmp_path):
+    from datasource.db import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, connect, migrate
+
+    old = connect(str(tmp_path / "step10.db"))
+    with old:
+        for step in MIGRATIONS[:10]:
+            step(old) if callable(step) else old.execute(step)
+        old.pragma("user_version", 10)
+        old.pragma("application_id", APPLICATION_ID)
+    hour = 3_600_000
+    batch = [event(1, ts_ms=5 * hour, row={"request_id": "q1", "trace_id": "t1"}),
+             event(2, ts_ms=6 * hour - 1, row={"request_id": "q2"}),
+             event(3, ts_ms=6 * hour, row={"trace_id": "t3"})]
+    assert store.insert_batch(old, batch, origin="test").inserted == 3
+    assert migrate(old) == SCHEMA_VERSION >= 11
+    indexes = {name: sql for name, sql in old.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
+    assert "events_request_id" not in indexes and "events_trace_id" not in indexes
+    assert "(ts_ms / 3600000, request_id) WHERE request_id IS NOT NULL" in indexes["events_request_hour"]
+    assert "(ts_ms / 3600000, trace_id) WHERE trace_id IS NOT NULL" in indexes["events_trace_hour"]
+    # analysed in the step: two rows in the request id index (q1, q2), two in the trace id one
+    stats = dict(old.execute("SELECT idx, stat FROM sqlite_stat1 WHERE idx LIKE 'events_%_hour'"))
+    assert stats["events_request_hour"].split()[0] == "2" and stats["events_trace_hour"].split()[0] == "2"
+    # each id is found in its hour: (hour, id) pairs, in key order
+    assert old.execute("SELECT ts_ms / 3600000, request_id FROM events INDEXED BY events_request_hour "
+                       "WHERE request_id IS NOT NULL ORDER BY 1, 2").fetchall() == [(5, "q1"), (5, "q2")]
+    assert old.execute("SELECT ts_ms / 3600000, trace_id FROM events INDEXED BY events_trace_hour "
+                       "WHERE trace_id IS NOT NULL ORDER BY 1, 2").fetchall() == [(5, "t1"), (6, "t3")]
+    old.close()
