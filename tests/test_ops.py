@@ -201,14 +201,26 @@ def _check_backup(path: str) -> list[int]:
 
 
 def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
-    total = 12000
+    # CPA keeps publishing while the backups run: a thread pushes 200 events every 20 ms until
+    # the third backup is done, so each backup meets a collector that is writing (the test
+    # does not depend on how fast the collector drains a fixed queue)
+    pushed, done = [2000], threading.Event()
+
+    def publish() -> None:
+        while not done.is_set():
+            _push(server, pushed[0], pushed[0] + 200)
+            pushed[0] += 200
+            time.sleep(0.02)
+
     with RedisServer(KEY) as server:
-        _push(server, 0, total)
+        _push(server, 0, pushed[0])
         svc = CollectorService(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
                                             batch_size=100), timing=FAST)
         svc.start()
+        publisher = threading.Thread(target=publish, daemon=True)
         try:
             wait_for(lambda: event_count(settings.db) >= 2000, timeout=30, interval=0.01)
+            publisher.start()
             paths = []
             for n in range(3):
                 path = str(tmp_path / f"backup-{n}.db")
@@ -217,8 +229,12 @@ def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
                 assert result.exit_code == 0, result.output
                 paths.append((path, time.monotonic() - started, before, event_count(settings.db)))
                 time.sleep(0.3)
+            done.set()
+            publisher.join()
+            total = pushed[0]
             wait_for(lambda: event_count(settings.db) == total, timeout=60)
         finally:
+            done.set()
             svc.stop()
     sizes = []
     for path, seconds, before, after in paths:
@@ -227,7 +243,9 @@ def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
         assert before <= len(ids) <= after
         sizes.append(len(ids))
         print(f"\nbackup during ingestion: {seconds:.2f} s, {len(ids)} events (live db {before} -> {after})")
-    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] < total  # taken while the collector wrote
+    # 0.3 s apart, with thousands of events published a second: each backup holds more than the last
+    assert sizes[0] < sizes[1] < sizes[2] < total
+    assert sorted(_numbers(settings.db)) == list(range(total))
 
 
 def _free_port() -> int:
