@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:<32}{size:8.1f}")
     if args.no_rss:
         return 0
-    last, account, model = bench_query.busiest(args.db)
+    last, account, model, trace = bench_query.busiest(args.db)
     port = bench_query.free_port()
     server = bench_query.start_server(args.db, port)
     try:
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(bench_query.CONCURRENCY) as pool:
             for path in sorted(glob.glob(str(bench_query.ROOT / "dashboards" / "*.json"))):
                 dash = json.loads(Path(path).read_text())
-                for acc, mod in ((None, None), (account, model)):
-                    bodies = bench_query.panel_bodies(dash, last + 1 - bench_query.RANGES["30d"], last + 1, acc, mod)
+                for _, values in bench_query.filter_states(dash, account, model, trace):
+                    bodies = bench_query.panel_bodies(dash, last + 1 - bench_query.RANGES["30d"], last + 1, values)
                     bench_query.refresh(port, bodies, pool)
         busy = rss_kb(server.pid)
     finally:

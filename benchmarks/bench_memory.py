@@ -148,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="publish the --events at this many per second while refreshing (0: all at once)")
     args = parser.parse_args(argv)
 
-    last, account, model = bq.busiest(args.db)
+    last, account, model, trace = bq.busiest(args.db)
+    # the unfiltered and account + model states (the rounds measured so far; no trace lookups)
     bodies = [b for path in sorted(glob.glob(str(ROOT / "dashboards" / "*.json")))
               for dash in [json.loads(Path(path).read_text())]
-              for acct, mdl in ((None, None), (account, model))
-              for b in bq.panel_bodies(dash, int(last - 30 * DAY_MS), int(last), acct, mdl)]
+              for _, values in bq.filter_states(dash, account, model, trace)[:2]
+              for b in bq.panel_bodies(dash, int(last - 30 * DAY_MS), int(last), values)]
     raws = []
     if args.events:
         span = int(args.events / (10_000_000 / (30 * DAY_MS)))

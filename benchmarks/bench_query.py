@@ -4,7 +4,8 @@
     python3 -m benchmarks.bench_query --db /tmp/bench-100k.db --runs 7
 
 For every dashboards/*.json, every range (1h, 24h, 7d, 30d ending at the dataset's last
-event) and both filter states (all; one account + one model, the busiest pair), the
+event) and each filter state (all; one account + one model, the busiest pair; and on the
+dashboards with a trace id box, the request id of an event half an hour before the end), the
 panels' /query bodies are built the way Grafana sends them (tests/grafana_sim.py) and
 posted concurrently (6 connections, like a browser). A refresh is the wall time until
 every panel has answered. Prints median and p95 refresh per case and the slowest panel.
@@ -78,25 +79,36 @@ def post(port: int, route: str, body: dict[str, Any]) -> tuple[float, int]:
     return time.perf_counter() - start, status
 
 
-def busiest(db: str) -> tuple[int, str, str]:
-    """(last event ms, busiest account_key, its busiest model) of the dataset."""
+def busiest(db: str) -> tuple[int, str, str, str]:
+    """(last event ms, busiest account_key, its busiest model, a request id 30 min before the end)."""
     conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
     try:
         last = conn.execute("SELECT max(ts_ms) FROM events").fetchone()[0]
         account, model = conn.execute(
             "SELECT account_key, analytics_model FROM rollup_account_day "
             "GROUP BY 1, 2 ORDER BY sum(requests) DESC LIMIT 1").fetchone()
+        trace = conn.execute("SELECT request_id FROM events WHERE ts_ms <= ? AND request_id IS NOT NULL "
+                             "ORDER BY ts_ms DESC LIMIT 1", (last - 30 * 60_000,)).fetchone()[0]
     finally:
         conn.close()
-    return last, account, model
+    return last, account, model, trace
 
 
-def panel_bodies(dash: dict[str, Any], from_ms: int, to_ms: int, account: str | None,
-                 model: str | None) -> list[tuple[str, dict[str, Any]]]:
+def filter_states(dash: dict[str, Any], account: str, model: str, trace: str) -> list[tuple[str, dict[str, Any]]]:
+    """(label, variable values) per filter state; the trace state where the dashboard has the box."""
+    states = [("all", {}), ("acct+mdl", {"account": [account], "model": [model]})]
+    names = {v.get("name") for v in dash.get("templating", {}).get("list", [])}
+    if "trace_id" in names:
+        states.append(("trace", {"trace_id": trace}))
+    return states
+
+
+def panel_bodies(dash: dict[str, Any], from_ms: int, to_ms: int,
+                 values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     state = grafana_sim.state_from_dashboard(dash, from_ms, to_ms)
-    for name, value in (("account", account), ("model", model)):
-        if value is not None and name in state.variables:
-            state.variables[name].value = [value]
+    for name, value in values.items():
+        if name in state.variables:
+            state.variables[name].value = value
     out = []
     for panel in dash.get("panels", []):
         if panel.get("targets"):
@@ -139,19 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranges", default=",".join(RANGES), help="comma-separated subset of " + ",".join(RANGES))
     args = parser.parse_args(argv)
     ranges = {label: RANGES[label] for label in args.ranges.split(",")}
-    last, account, model = busiest(args.db)
+    last, account, model, trace = busiest(args.db)
     port = free_port()
     server = start_server(args.db, port)
     errors = 0
     try:
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            print(f"dataset {args.db}: filter account={account} model={model}; {args.runs} runs per case")
+            print(f"dataset {args.db}: filter account={account} model={model}, trace id {trace}; "
+                  f"{args.runs} runs per case")
             print(f"{'dashboard':<28}{'range':>6} {'filter':<9}{'median ms':>10}{'p95 ms':>9}  slowest panel")
             for path in sorted(glob.glob(args.dashboards)):
                 dash = json.loads(Path(path).read_text())
                 for label, span in ranges.items():
-                    for filt, (acc, mod) in (("all", (None, None)), ("acct+mdl", (account, model))):
-                        bodies = panel_bodies(dash, last + 1 - span, last + 1, acc, mod)
+                    for filt, values in filter_states(dash, account, model, trace):
+                        bodies = panel_bodies(dash, last + 1 - span, last + 1, values)
                         refresh(port, bodies, pool)  # warm-up: page cache and statement cache
                         walls, slowest = [], (0.0, "", 0)
                         for _ in range(args.runs):

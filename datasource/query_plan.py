@@ -426,6 +426,11 @@ class Reader:
             self._translation = translate(self.conn, self.clauses)
         return self._translation
 
+    def selective(self) -> bool:
+        """A trace id equality: a handful of rows, found through its own indexes, so reading them
+        beats one seek per stored key (each of which would repeat the trace id's seeks)."""
+        return any(c.key == "trace_id" and c.op == "=" and "" not in c.values for c in self.clauses)
+
     def raw_where(self, from_ms: int, to_ms: int) -> tuple[str, list[Any]]:
         """WHERE text and parameters for the events of [from_ms, to_ms) under the clauses, alias keys
         narrowed to their key column when exact (`account_key = ?`: the key indexes apply)."""
@@ -650,7 +655,7 @@ class Reader:
         candidates: list[str] | None = None
         for piece in p.pieces:
             where, params = p.where(piece, self.clauses)
-            if piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS:
+            if piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS or self.selective():
                 table = "events" if piece.table == RAW else piece.table
                 expr = GROUPS[column][0] if piece.table == RAW else column
                 sql = f"SELECT DISTINCT {expr} FROM {table} WHERE {where}"

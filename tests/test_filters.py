@@ -344,3 +344,24 @@ def test_trace_filter_scans_where_the_hour_indexes_cannot_serve(db):
         assert _ids(db, clauses, *window) == ["r04"]
     assert "3600000" in where_sql(clauses, span=(far + HOUR, T10 + HOUR))[0]
     assert _ids(db, clauses, far + HOUR, T10 + HOUR) == ["r04"]
+
+
+def test_distinct_keys_under_a_trace_id_read_its_rows_instead_of_seeking_every_key(db):
+    from datasource import query_plan
+    from test_api_key_sets import statements
+
+    # six hours: past SCAN_DISTINCT_MS, where an unselective filter seeks one stored key at a time
+    lo, hi = T10 - 4 * HOUR, T10 + 2 * HOUR
+    traced = query_plan.Reader(db, clauses_from_payload({"trace_id": ["req_trace_10", "r04"]}), rollups=False)
+    assert traced.selective()
+    seen = statements(db, lambda: traced.distinct("account_key", lo, hi, "-"))
+    assert not any("LIMIT 1" in sql for sql, _ in seen)
+    assert traced.distinct("account_key", lo, hi, "-") == {"aaaa000000000001", "bbbb000000000002"}  # r10 A, r04 B
+    # a filter that keeps many rows still seeks per key, and agrees
+    broad = query_plan.Reader(db, clauses_from_payload({"model": "alpha-1"}), rollups=False)
+    assert not broad.selective()
+    seen = statements(db, lambda: broad.distinct("account_key", lo, hi, "-"))
+    assert any("LIMIT 1" in sql for sql, _ in seen)
+    assert broad.distinct("account_key", lo, hi, "-") == {"aaaa000000000001"}  # p01 r01 r02 r03 r10; r09 none
+    assert not query_plan.Reader(db, (Clause("trace_id", "!=", ("r04",)),)).selective()
+    assert not query_plan.Reader(db, (Clause("trace_id", "=", ("",)),)).selective()
