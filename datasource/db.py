@@ -766,7 +766,6 @@ ALTER TABLE event_ledger_by_time RENAME TO event_ledger;
 """
 
 
-
 def _v11(conn: apsw.Connection) -> None:
     """Step 11: the request id and trace id indexes keyed by (hour, id) instead of the id alone.
 
