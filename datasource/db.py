@@ -782,8 +782,8 @@ def _v11(conn: apsw.Connection) -> None:
 
 
 _V11 = """
-DROP INDEX events_request_id;
-DROP INDEX events_trace_id;
+DROP INDEX IF EXISTS events_request_id;
+DROP INDEX IF EXISTS events_trace_id;
 CREATE INDEX events_request_hour ON events(ts_ms / 3600000, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX events_trace_hour ON events(ts_ms / 3600000, trace_id) WHERE trace_id IS NOT NULL;
 """
