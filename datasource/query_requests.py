@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from datasource.model import BadRequest, Frame
@@ -9,6 +11,14 @@ from datasource.query_common import UNITS, Ctx, payload_int, table_frame
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
+# The page is read newest slice first: 1 hour, doubling up to a day. Most filters fill it from
+# the first slice; one that no index serves and few rows match (a search for a rare text, a
+# regex) scans the window, ~1 s per day at 10 M events / 30 days. After SCAN_BUDGET_S the page
+# ends where the scan got to: what it found, `has_more` with the cursor at that point, and a
+# notice on the frame that the panel shows, instead of the whole query running into the limit.
+FIRST_SLICE_MS = 3_600_000
+MAX_SLICE_MS = 24 * 3_600_000
+SCAN_BUDGET_S = 2.0
 
 REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("time", "time"), ("id", "number"), ("request_id", "string"), ("trace_id", "string"),
@@ -74,23 +84,41 @@ def _row(ctx: Ctx, r: tuple) -> dict[str, Any]:
 
 
 def requests(ctx: Ctx) -> list[Frame]:
-    """One page; meta carries `next_before_ms`/`next_before_id` and `has_more`."""
+    """One page; meta carries `next_before_ms`/`next_before_id` and `has_more` (and `notices`
+    when the page stopped at the scan budget)."""
     payload = ctx.spec.payload
     limit = payload_int(payload, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     before_ms, before_id = _cursor(payload)
     spec = ctx.spec
-    # Alias keys (account, model, api key, provider) narrowed to their key column when exact
-    # (query_plan.translate), so events(account_key, ts_ms) and friends serve the newest rows.
-    where, params = ctx.reader.raw_where(spec.from_ms, spec.to_ms)
     if before_ms is None:
         sql, cursor = REQUESTS_SQL, []
     else:
         sql, cursor = REQUESTS_AFTER_SQL, [before_ms, before_ms, -1 if before_id is None else before_id]
-    found = ctx.rows(sql.format(where=where), [*params, *cursor, limit + 1])
-    has_more = len(found) > limit
+    # the newest ts_ms the cursor lets through, + 1 (with before_id, rows at before_ms itself)
+    top = spec.to_ms if before_ms is None else min(spec.to_ms, before_ms + (before_id is not None))
+    found: list[tuple] = []
+    started, size, stopped_at = time.monotonic(), FIRST_SLICE_MS, None
+    while top > spec.from_ms and len(found) <= limit:
+        if size > FIRST_SLICE_MS and time.monotonic() - started > SCAN_BUDGET_S:  # after the first slice
+            stopped_at = top
+            break
+        low = max(spec.from_ms, top - size)
+        # Alias keys (account, model, api key, provider) narrowed to their key column when exact
+        # (query_plan.translate), so events(account_key, ts_ms) and friends serve the newest rows.
+        where, params = ctx.reader.raw_where(low, top)
+        found += ctx.rows(sql.format(where=where), [*params, *cursor, limit + 1 - len(found)])
+        top, size = low, min(MAX_SLICE_MS, size * 2)
+    has_more = len(found) > limit or stopped_at is not None
     rows = [_row(ctx, r) for r in found[:limit]]
-    last = rows[-1] if rows else None
-    meta = {"has_more": has_more, "next_before_ms": last["time"] if has_more and last else None,
-            "next_before_id": last["id"] if has_more and last else None}
+    meta: dict[str, Any] = {"has_more": has_more, "next_before_ms": None, "next_before_id": None}
+    if len(found) > limit:
+        meta["next_before_ms"], meta["next_before_id"] = rows[-1]["time"], rows[-1]["id"]
+    elif stopped_at is not None:
+        # every row from stopped_at on was read: the next page is everything before it
+        meta["next_before_ms"] = stopped_at
+        when = datetime.fromtimestamp(stopped_at / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        meta["notices"] = [{"severity": "warning", "text": (
+            f"{len(rows)} rows from {when} on: these filters scan every event and the scan stopped "
+            f"after {SCAN_BUDGET_S:g} s; narrow the time range or the filters to see older rows")}]
     names = [c for c, _ in REQUEST_COLUMNS]
     return [table_frame("requests", REQUEST_COLUMNS, [[r[c] for c in names] for r in rows], UNITS, meta)]

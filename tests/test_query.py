@@ -295,6 +295,38 @@ def test_requests_newest_first_with_keyset_pagination(db):
     assert len(run(db, "requests", {"limit": 99999})) == 10  # capped at 5000, not refused
 
 
+def test_requests_read_newest_slice_first_and_stop_at_the_scan_budget(db, monkeypatch):
+    from datasource import query_requests
+
+    window = {"from_ms": T10 - 3 * HOUR, "to_ms": T10 + 2 * HOUR}  # 07:00-12:00: p01 p02 r01-r10 o01
+    newest_first = ["o01"] + [f"r{i:02d}" for i in range(10, 0, -1)] + ["p02", "p01"]
+    # slices of 1, 2 and 4 hours: one page, everything, no notice
+    [frame] = query.execute(db, spec("requests", **window))
+    assert [r["request_id"] for r in rows(frame)] == newest_first
+    assert frame.meta == {"has_more": False, "next_before_ms": None, "next_before_id": None}
+    # a full page ends on its last row as before, without a notice
+    [frame] = query.execute(db, spec("requests", {"limit": 3}, **window))
+    assert [r["request_id"] for r in rows(frame)] == newest_first[:3]
+    assert frame.meta == {"has_more": True, "next_before_ms": T10 + 45 * MIN, "next_before_id": 9}  # r09
+    # a budget already spent: each page reads one hour-long slice, ends where it stopped, says so
+    monkeypatch.setattr(query_requests, "SCAN_BUDGET_S", 0.0)
+    pages, cursor = [], {}
+    while True:
+        [frame] = query.execute(db, spec("requests", {"search": "r", **cursor}, **window))
+        pages.append(([r["request_id"] for r in rows(frame)], frame.meta))
+        if not frame.meta["has_more"]:
+            break
+        cursor = {"before_ms": frame.meta["next_before_ms"]}
+    assert [ids for ids, _ in pages[:3]] == [["o01"], newest_first[1:11], ["p02", "p01"]]
+    assert [ids for ids, _ in pages] == [["o01"], newest_first[1:11], ["p02", "p01"], [], []]
+    first = pages[0][1]
+    assert (first["has_more"], first["next_before_ms"], first["next_before_id"]) == (True, T10 + HOUR, None)
+    assert first["notices"] == [{"severity": "warning", "text": (
+        "1 rows from 2026-05-06 11:00 UTC on: these filters scan every event and the scan stopped after "
+        "0 s; narrow the time range or the filters to see older rows")}]
+    assert all("notices" in meta for _, meta in pages[:-1]) and "notices" not in pages[-1][1]
+
+
 def test_requests_bad_limit_and_cursor(db):
     from datasource.model import BadRequest
     for payload in ({"limit": 0}, {"limit": "many"}, {"before_id": 5}, {"before_ms": "x"}):
