@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from datasource.model import BadRequest, Clause
 
@@ -346,14 +346,22 @@ def _trace_sql(values: tuple[str, ...], span: tuple[int, int], params: list[Any]
     return "(" + " OR ".join(parts) + ")"
 
 
+# (search text, (from_ms, to_ms)) -> the ids of the window's events that match, or None
+SearchIds = Callable[[str, tuple[int, int]], "list[int] | None"]
+
+
 def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any],
-                  span: tuple[int, int] | None = None) -> str:
+                  span: tuple[int, int] | None = None, search_ids: SearchIds | None = None) -> str:
     key, op = clause.key, clause.op
     if key in NUMERIC_KEYS:
         default_op = ">=" if key == "min_latency_ms" else "<="
         params.append(_number(key, clause.values[0]))
         return f"(latency_ms {default_op if op in ('=', '!=') else op} ?)"
     if key == "search":
+        ids = search_ids(clause.values[0], span) if search_ids is not None and span is not None else None
+        if ids is not None:  # the same rows within the caller's window, found by one shared scan
+            params.append(json.dumps(ids))
+            return "(id IN (SELECT value FROM json_each(?)))"
         return _search_sql(clause.values[0], params)
     cols = columns[key]
     if op in ("=~", "!~"):
@@ -379,13 +387,14 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
 
 def where_sql(
     clauses: Iterable[Clause], columns: Mapping[str, tuple[str, ...]] = EVENT_COLUMNS,
-    span: tuple[int, int] | None = None,
+    span: tuple[int, int] | None = None, search_ids: SearchIds | None = None,
 ) -> tuple[str, list[Any]]:
     """Clauses -> (`a AND b ...`, params). Keys a table lacks (absent from `columns`) are skipped.
 
     `columns` must be one of this module's fixed dicts; numeric keys and search apply to events only.
     `span` is the caller's `ts_ms >= from AND ts_ms < to` window, when it ANDs one with the
-    fragment: trace ids are then looked up through their indexes instead of by scanning it.
+    fragment: trace ids are then looked up through their indexes instead of by scanning it, and
+    `search_ids` (when given) may answer a search with the ids of the window's matching events.
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -393,7 +402,7 @@ def where_sql(
         events_only = clause.key in NUMERIC_KEYS or clause.key == "search"
         if (events_only and columns is not EVENT_COLUMNS) or (not events_only and clause.key not in columns):
             continue
-        sql = _positive_sql(clause, columns, params, span)
+        sql = _positive_sql(clause, columns, params, span, search_ids if columns is EVENT_COLUMNS else None)
         parts.append(f"NOT coalesce({sql}, 0)" if clause.op in ("!=", "!~") else sql)
     return (" AND ".join(parts) or "1"), params
 

@@ -38,7 +38,7 @@ class Ctx:
     def where(self, from_ms: int | None = None, to_ms: int | None = None) -> tuple[str, list[Any]]:
         """`ts_ms` window (default: the spec's) AND every clause, for the events table."""
         return events_where(self.spec.clauses, self.spec.from_ms if from_ms is None else from_ms,
-                            self.spec.to_ms if to_ms is None else to_ms)
+                            self.spec.to_ms if to_ms is None else to_ms, self.conn)
 
     def account_label(self, label: str | None, key: str | None) -> str:
         text = label or key or "-"
@@ -48,8 +48,12 @@ class Ctx:
         return api_key_display(key_hash, masked, self.aliases)
 
 
-def events_where(clauses: Iterable[Clause], from_ms: int, to_ms: int) -> tuple[str, list[Any]]:
-    sql, params = filters.where_sql(clauses, span=(from_ms, to_ms))
+def events_where(clauses: Iterable[Clause], from_ms: int, to_ms: int, conn: Any = None) -> tuple[str, list[Any]]:
+    """`ts_ms` window AND every clause; with `conn`, a search may read its shared matching ids."""
+    from datasource.query_plan import search_ids
+
+    resolve = None if conn is None else (lambda text, span: search_ids(conn, text, span))
+    sql, params = filters.where_sql(clauses, span=(from_ms, to_ms), search_ids=resolve)
     return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [from_ms, to_ms, *params]
 
 

@@ -219,6 +219,7 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
 class Plan:
     pieces: list[Piece]
     translation: Translation | None
+    conn: Any = field(default=None, compare=False, repr=False)  # for search_ids; None: scan
 
     @property
     def uses_rollups(self) -> bool:
@@ -228,7 +229,8 @@ class Plan:
         """WHERE text and parameters for one piece (rollup bucket range or events ts range)."""
         if piece.table == RAW:
             if self.translation is None:
-                sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms))
+                resolve = None if self.conn is None else (lambda text, span: search_ids(self.conn, text, span))
+                sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms), search_ids=resolve)
             else:
                 sql, params = self.translation.raw_sql, list(self.translation.raw_params)
             return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [piece.from_ms, piece.to_ms, *params]
@@ -247,7 +249,7 @@ def plan(conn: Any, clauses: Sequence[Clause], from_ms: int, to_ms: int, dims: I
     straddle); the least raw time wins, then the narrowest family.
     """
     tr = translate(conn, clauses) if translation is False else translation
-    raw = Plan([Piece(RAW, from_ms, to_ms)], tr if isinstance(tr, Translation) else None)
+    raw = Plan([Piece(RAW, from_ms, to_ms)], tr if isinstance(tr, Translation) else None, conn)
     if not rollups or not isinstance(tr, Translation) or from_ms >= to_ms:
         return raw
     needed = set(dims) | tr.dims
@@ -407,6 +409,41 @@ def shared(key: tuple, compute: Callable[[], T]) -> T:
     return STATUS_FLIGHTS.run(key, compute, SHARED_WAIT_S)
 
 
+# A search (a LIKE over 22 columns, no index) costs a scan of its window per read: ~1 s a day
+# at 10 M events / 30 days, and a dashboard refresh makes ~15 such reads. The first read of a
+# (text, window) scans for the matching ids once, the concurrent ones wait for it (flights),
+# and for SEARCH_IDS_TTL_S the others read those ids; keyed by the newest event id, so a new
+# event starts a new scan. More than SEARCH_IDS_MAX matches: every read scans, as before.
+SEARCH_IDS_MAX = 20_000
+SEARCH_IDS_TTL_S = 10.0
+_search_cache: dict[tuple, tuple[float, list[int] | None]] = {}
+_search_lock = threading.Lock()
+
+
+def search_ids(conn: Any, text: str, span: tuple[int, int]) -> list[int] | None:
+    """Ids of the events in [from, to) that `search` text matches, or None past SEARCH_IDS_MAX."""
+    newest = conn.execute("SELECT max(id) FROM events").fetchone()[0]
+    key = ("search", conn.filename, text, span, newest)
+    now = time.monotonic()
+    with _search_lock:
+        hit = _search_cache.get(key)
+        if hit is not None and now - hit[0] < SEARCH_IDS_TTL_S:
+            return hit[1]
+
+    def scan() -> list[int] | None:
+        like, params = filters.where_sql([Clause("search", "=", (text,))])
+        rows = conn.execute(f"SELECT id FROM events WHERE ts_ms >= ? AND ts_ms < ? AND {like} LIMIT ?",
+                            (*span, *params, SEARCH_IDS_MAX + 1)).fetchall()
+        return None if len(rows) > SEARCH_IDS_MAX else [r[0] for r in rows]
+
+    ids = shared(key, scan)
+    with _search_lock:
+        if len(_search_cache) >= 64:
+            _search_cache.clear()
+        _search_cache[key] = (time.monotonic(), ids)
+    return ids
+
+
 # A raw piece up to this long is scanned for distinct keys; longer ones seek per key.
 SCAN_DISTINCT_MS = 2 * HOUR
 
@@ -431,10 +468,12 @@ class Reader:
         beats one seek per stored key (each of which would repeat the trace id's seeks)."""
         return any(c.key == "trace_id" and c.op == "=" and "" not in c.values for c in self.clauses)
 
-    def raw_where(self, from_ms: int, to_ms: int) -> tuple[str, list[Any]]:
+    def raw_where(self, from_ms: int, to_ms: int, shared_search: bool = True) -> tuple[str, list[Any]]:
         """WHERE text and parameters for the events of [from_ms, to_ms) under the clauses, alias keys
-        narrowed to their key column when exact (`account_key = ?`: the key indexes apply)."""
-        p = Plan([Piece(RAW, from_ms, to_ms)], self.translation())
+        narrowed to their key column when exact (`account_key = ?`: the key indexes apply).
+        `shared_search=False` scans for a search instead of reading its shared ids (a LIMIT read
+        that stops at its first rows)."""
+        p = Plan([Piece(RAW, from_ms, to_ms)], self.translation(), self.conn if shared_search else None)
         return p.where(p.pieces[0], self.clauses)
 
     def plan(self, from_ms: int, to_ms: int, dims: Iterable[str] = (), *, sketches: bool = False,
@@ -642,7 +681,7 @@ class Reader:
         if not self.clauses:
             oldest = self.conn.execute("SELECT min(ts_ms) FROM events").fetchone()[0]
             if oldest is not None and oldest < to_ms:
-                found = self._seek_keys(column, skip, Plan([Piece(RAW, max(from_ms, oldest), to_ms)], None),
+                found = self._seek_keys(column, skip, Plan([Piece(RAW, max(from_ms, oldest), to_ms)], None, self.conn),
                                         found)
                 if from_ms >= oldest:
                     return found

@@ -105,7 +105,7 @@ def requests(ctx: Ctx) -> list[Frame]:
         low = max(spec.from_ms, top - size)
         # Alias keys (account, model, api key, provider) narrowed to their key column when exact
         # (query_plan.translate), so events(account_key, ts_ms) and friends serve the newest rows.
-        where, params = ctx.reader.raw_where(low, top)
+        where, params = ctx.reader.raw_where(low, top, shared_search=False)
         found += ctx.rows(sql.format(where=where), [*params, *cursor, limit + 1 - len(found)])
         top, size = low, min(MAX_SLICE_MS, size * 2)
     has_more = len(found) > limit or stopped_at is not None

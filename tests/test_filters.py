@@ -365,3 +365,47 @@ def test_distinct_keys_under_a_trace_id_read_its_rows_instead_of_seeking_every_k
     assert broad.distinct("account_key", lo, hi, "-") == {"aaaa000000000001"}  # p01 r01 r02 r03 r10; r09 none
     assert not query_plan.Reader(db, (Clause("trace_id", "!=", ("r04",)),)).selective()
     assert not query_plan.Reader(db, (Clause("trace_id", "=", ("",)),)).selective()
+
+
+def test_a_search_scans_its_window_once_and_reads_the_matching_ids_after(db, monkeypatch):
+    from datasource import query_plan
+    from test_api_key_sets import statements
+    from test_query import run
+
+    alpha = clauses_from_payload({"search": "alpha"})
+    query_plan._search_cache.clear()
+    # 'alpha' matches the five alpha-1 events of 10:00-11:00: r01 r02 r03 r09 r10
+    seen = statements(db, lambda: [run(db, "summary", clauses=alpha, rollups=False),
+                                   run(db, "summary", clauses=alpha, rollups=False)])
+    scans = [sql for sql, _ in seen if "LIKE" in sql]
+    # one scan for the window and one for the previous window (the summary's change), not one per read
+    assert len(scans) == 2 and all(sql.startswith("SELECT id FROM events") for sql in scans)
+    assert any("id IN (SELECT value FROM json_each(?))" in sql for sql, _ in seen)
+    [row] = run(db, "summary", clauses=alpha)
+    assert (row["requests"], row["failures"], row["prev_requests"]) == (5, 2, 1)  # r03 429, r10 503; p01
+    # past SEARCH_IDS_MAX matches every read scans, with the same answer
+    monkeypatch.setattr(query_plan, "SEARCH_IDS_MAX", 0)
+    query_plan._search_cache.clear()
+    seen = statements(db, lambda: run(db, "summary", clauses=alpha, rollups=False))
+    assert not any("id IN (SELECT value FROM json_each(?))" in sql for sql, _ in seen)
+    [row] = run(db, "summary", clauses=alpha)
+    assert (row["requests"], row["failures"], row["prev_requests"]) == (5, 2, 1)
+
+
+def test_search_ids_follow_new_events_and_expire(db, monkeypatch):
+    from datasource import query_plan, store
+    from test_query import MIN
+    from test_store import event
+
+    query_plan._search_cache.clear()
+    span = (T10, T10 + HOUR)
+    first = query_plan.search_ids(db, "alpha", span)
+    assert len(first) == 5
+    assert query_plan.search_ids(db, "alpha", span) is first  # cached
+    # a new matching event in the window: the newest id changed, so the window is scanned again
+    store.insert_batch(db, [event(77, ts_ms=T10 + 55 * MIN, row={"model": "alpha-9", "analytics_model": "alpha-9"})],
+                       origin="test")
+    again = query_plan.search_ids(db, "alpha", span)
+    assert len(again) == 6 and set(first) < set(again)
+    monkeypatch.setattr(query_plan, "SEARCH_IDS_TTL_S", 0.0)
+    assert query_plan.search_ids(db, "alpha", span) is not again  # expired: scanned again
