@@ -346,8 +346,8 @@ def _trace_sql(values: tuple[str, ...], span: tuple[int, int], params: list[Any]
     return "(" + " OR ".join(parts) + ")"
 
 
-# (search text, (from_ms, to_ms)) -> the ids of the window's events that match, or None
-SearchIds = Callable[[str, tuple[int, int]], "list[int] | None"]
+# (search text, (from_ms, to_ms)) -> the ids of the window's events that match (a JSON array), or None
+SearchIds = Callable[[str, tuple[int, int]], "str | None"]
 
 
 def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any],
@@ -360,7 +360,7 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
     if key == "search":
         ids = search_ids(clause.values[0], span) if search_ids is not None and span is not None else None
         if ids is not None:  # the same rows within the caller's window, found by one shared scan
-            params.append(json.dumps(ids))
+            params.append(ids)
             return "(id IN (SELECT value FROM json_each(?)))"
         return _search_sql(clause.values[0], params)
     cols = columns[key]

@@ -416,12 +416,13 @@ def shared(key: tuple, compute: Callable[[], T]) -> T:
 # event starts a new scan. More than SEARCH_IDS_MAX matches: every read scans, as before.
 SEARCH_IDS_MAX = 20_000
 SEARCH_IDS_TTL_S = 10.0
-_search_cache: dict[tuple, tuple[float, list[int] | None]] = {}
+_search_cache: dict[tuple, tuple[float, str | None]] = {}
 _search_lock = threading.Lock()
 
 
-def search_ids(conn: Any, text: str, span: tuple[int, int]) -> list[int] | None:
-    """Ids of the events in [from, to) that `search` text matches, or None past SEARCH_IDS_MAX."""
+def search_ids(conn: Any, text: str, span: tuple[int, int]) -> str | None:
+    """Ids of the events in [from, to) that `search` text matches, as a JSON array (the bound
+    parameter the reads pass to json_each, and compact to keep), or None past SEARCH_IDS_MAX."""
     newest = conn.execute("SELECT max(id) FROM events").fetchone()[0]
     key = ("search", conn.filename, text, span, newest)
     now = time.monotonic()
@@ -430,7 +431,7 @@ def search_ids(conn: Any, text: str, span: tuple[int, int]) -> list[int] | None:
         if hit is not None and now - hit[0] < SEARCH_IDS_TTL_S:
             return hit[1]
 
-    def scan() -> list[int] | None:
+    def scan() -> str | None:
         like, params = filters.where_sql([Clause("search", "=", (text,))])
         # Read the table in id order between the window's lowest and highest id (ids follow
         # arrival, so a window's events are one stretch of the table), not row by row through
@@ -439,7 +440,7 @@ def search_ids(conn: Any, text: str, span: tuple[int, int]) -> list[int] | None:
         first, last, count = conn.execute("SELECT min(id), max(id), count(*) FROM events "
                                           "WHERE ts_ms >= ? AND ts_ms < ?", span).fetchone()
         if not count:
-            return []
+            return "[]"
         if last - first + 1 <= 2 * count:
             sql = ("SELECT id FROM events NOT INDEXED WHERE id >= ? AND id <= ? AND ts_ms >= ? AND ts_ms < ? "
                    f"AND {like} LIMIT ?")
@@ -448,11 +449,11 @@ def search_ids(conn: Any, text: str, span: tuple[int, int]) -> list[int] | None:
             sql = f"SELECT id FROM events WHERE ts_ms >= ? AND ts_ms < ? AND {like} LIMIT ?"
             args = (*span, *params, SEARCH_IDS_MAX + 1)
         rows = conn.execute(sql, args).fetchall()
-        return None if len(rows) > SEARCH_IDS_MAX else [r[0] for r in rows]
+        return None if len(rows) > SEARCH_IDS_MAX else json.dumps([r[0] for r in rows])
 
     ids = shared(key, scan)
     with _search_lock:
-        if len(_search_cache) >= 64:
+        if len(_search_cache) >= 32:  # at most ~6 MB of id lists
             _search_cache.clear()
         _search_cache[key] = (time.monotonic(), ids)
     return ids

@@ -400,13 +400,13 @@ def test_search_ids_follow_new_events_and_expire(db, monkeypatch):
     query_plan._search_cache.clear()
     span = (T10, T10 + HOUR)
     first = query_plan.search_ids(db, "alpha", span)
-    assert len(first) == 5
+    assert len(json.loads(first)) == 5
     assert query_plan.search_ids(db, "alpha", span) is first  # cached
     # a new matching event in the window: the newest id changed, so the window is scanned again
     store.insert_batch(db, [event(77, ts_ms=T10 + 55 * MIN, row={"model": "alpha-9", "analytics_model": "alpha-9"})],
                        origin="test")
     again = query_plan.search_ids(db, "alpha", span)
-    assert len(again) == 6 and set(first) < set(again)
+    assert len(json.loads(again)) == 6 and set(json.loads(first)) < set(json.loads(again))
     monkeypatch.setattr(query_plan, "SEARCH_IDS_TTL_S", 0.0)
     assert query_plan.search_ids(db, "alpha", span) is not again  # expired: scanned again
 
@@ -421,10 +421,10 @@ def test_search_ids_read_the_table_in_id_order_unless_the_window_is_spread(db):
     # 09:00-10:00 holds p01 and p02 (ids 11-12): one stretch, read in id order
     seen = statements(db, lambda: query_plan.search_ids(db, "p0", (T10 - HOUR, T10)))
     assert any("NOT INDEXED WHERE id >= ? AND id <= ?" in sql for sql, _ in seen)
-    assert query_plan.search_ids(db, "p0", (T10 - HOUR, T10)) == [11, 12]
+    assert query_plan.search_ids(db, "p0", (T10 - HOUR, T10)) == "[11, 12]"
     # 09:00-10:10 adds r01 (10:05, id 1; r02 at 10:10 is out): 3 events over ids 1-12, more than
     # twice as many ids as events: through events_ts
     seen = statements(db, lambda: query_plan.search_ids(db, "0", (T10 - HOUR, T10 + 10 * MIN)))
     assert not any("NOT INDEXED" in sql for sql, _ in seen)
-    assert sorted(query_plan.search_ids(db, "0", (T10 - HOUR, T10 + 10 * MIN))) == [1, 11, 12]
-    assert query_plan.search_ids(db, "0", (T10 + 3 * HOUR, T10 + 4 * HOUR)) == []  # no events there
+    assert sorted(json.loads(query_plan.search_ids(db, "0", (T10 - HOUR, T10 + 10 * MIN)))) == [1, 11, 12]
+    assert query_plan.search_ids(db, "0", (T10 + 3 * HOUR, T10 + 4 * HOUR)) == "[]"  # no events there
