@@ -478,10 +478,16 @@ class Reader:
             self._translation = translate(self.conn, self.clauses)
         return self._translation
 
-    def selective(self) -> bool:
-        """A trace id equality: a handful of rows, found through its own indexes, so reading them
-        beats one seek per stored key (each of which would repeat the trace id's seeks)."""
-        return any(c.key == "trace_id" and c.op == "=" and "" not in c.values for c in self.clauses)
+    def selective(self, span: tuple[int, int] | None = None) -> bool:
+        """A trace id equality, or (over `span`) a search whose matching ids are known: a few rows,
+        found without a scan, so reading them beats one seek per stored key (each of which would
+        repeat the trace id's seeks, or test every one of the ids)."""
+        for c in self.clauses:
+            if c.key == "trace_id" and c.op == "=" and "" not in c.values:
+                return True
+            if c.key == "search" and c.op == "=" and span is not None and search_ids(self.conn, c.values[0], span):
+                return True
+        return False
 
     def raw_where(self, from_ms: int, to_ms: int, shared_search: bool = True) -> tuple[str, list[Any]]:
         """WHERE text and parameters for the events of [from_ms, to_ms) under the clauses, alias keys
@@ -709,7 +715,8 @@ class Reader:
         candidates: list[str] | None = None
         for piece in p.pieces:
             where, params = p.where(piece, self.clauses)
-            if piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS or self.selective():
+            if (piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS
+                    or self.selective((piece.from_ms, piece.to_ms))):
                 table = "events" if piece.table == RAW else piece.table
                 expr = GROUPS[column][0] if piece.table == RAW else column
                 sql = f"SELECT DISTINCT {expr} FROM {table} WHERE {where}"

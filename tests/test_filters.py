@@ -346,7 +346,7 @@ def test_trace_filter_scans_where_the_hour_indexes_cannot_serve(db):
     assert _ids(db, clauses, far + HOUR, T10 + HOUR) == ["r04"]
 
 
-def test_distinct_keys_under_a_trace_id_read_its_rows_instead_of_seeking_every_key(db):
+def test_distinct_keys_under_a_trace_id_read_its_rows_instead_of_seeking_every_key(db, monkeypatch):
     from datasource import query_plan
     from test_api_key_sets import statements
 
@@ -365,6 +365,16 @@ def test_distinct_keys_under_a_trace_id_read_its_rows_instead_of_seeking_every_k
     assert broad.distinct("account_key", lo, hi, "-") == {"aaaa000000000001"}  # p01 r01 r02 r03 r10; r09 none
     assert not query_plan.Reader(db, (Clause("trace_id", "!=", ("r04",)),)).selective()
     assert not query_plan.Reader(db, (Clause("trace_id", "=", ("",)),)).selective()
+    # a search is selective where its matching ids are known (under SEARCH_IDS_MAX), not past that
+    searched = query_plan.Reader(db, clauses_from_payload({"search": "beta"}), rollups=False)
+    assert searched.selective((lo, hi)) and not searched.selective()
+    seen = statements(db, lambda: searched.distinct("account_key", lo, hi, "-"))
+    assert not any("LIMIT 1" in sql for sql, _ in seen)
+    assert searched.distinct("account_key", lo, hi, "-") == {"bbbb000000000002"}  # r04 r05 r06: B
+    monkeypatch.setattr(query_plan, "SEARCH_IDS_MAX", 0)
+    query_plan._search_cache.clear()
+    assert not searched.selective((lo, hi))
+    assert searched.distinct("account_key", lo, hi, "-") == {"bbbb000000000002"}
 
 
 def test_a_search_scans_its_window_once_and_reads_the_matching_ids_after(db, monkeypatch):
