@@ -23,7 +23,7 @@ from pathlib import Path
 
 import apsw
 
-from benchmarks import bench_query
+from benchmarks import bench_memory, bench_query
 
 
 def table_bytes(db: str) -> tuple[int, list[tuple[str, int]]]:
@@ -80,18 +80,7 @@ def column_bytes(db: str, rows: int) -> tuple[int, float, list[tuple[str, float]
 
 def rss_kb(pid: int) -> int:
     """VmRSS of pid and all its descendants, in KiB."""
-    total = 0
-    pids = [pid]
-    while pids:
-        p = pids.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except (OSError, StopIteration):
-            continue
-        pids.extend(int(c) for c in children)
-    return total
+    return sum(bench_memory.status_kb(p) for p in (pid, *bench_memory.descendants(pid)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,16 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children of any of its threads, and theirs)."""
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
 class Sampler(threading.Thread):
     """Peak RSS of serve's gunicorn worker(s) and of their children."""
 
@@ -98,9 +108,7 @@ class Sampler(threading.Thread):
                     for field in ("RssAnon:", "RssFile:", "RssShmem:"):
                         self.peak[field.rstrip(":")] = status_kb(worker, field)
                 self.peak["children"] = max(self.peak["children"], sum(status_kb(c) for c in children(worker)))
-            processes = [self.serve_pid, *children(self.serve_pid)]
-            processes += [c for p in processes[1:] for c in children(p)]
-            pss = sum(pss_kb(p) for p in processes)
+            pss = sum(pss_kb(p) for p in (self.serve_pid, *descendants(self.serve_pid)))
             self.peak["all processes (PSS)"] = max(self.peak["all processes (PSS)"], pss)
             time.sleep(0.05)
 
