@@ -49,12 +49,12 @@ class Ctx:
 
 
 def events_where(clauses: Iterable[Clause], from_ms: int, to_ms: int, conn: Any = None) -> tuple[str, list[Any]]:
-    """`ts_ms` window AND every clause; with `conn`, a search may read its shared matching ids."""
-    from datasource.query_plan import search_ids
+    """`ts_ms` window AND every clause, as a raw piece of the range planner writes it (with `conn`,
+    a search may read its shared matching ids)."""
+    from datasource.query_plan import RAW, Piece, Plan
 
-    resolve = None if conn is None else (lambda text, span: search_ids(conn, text, span))
-    sql, params = filters.where_sql(clauses, span=(from_ms, to_ms), search_ids=resolve)
-    return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [from_ms, to_ms, *params]
+    piece = Piece(RAW, from_ms, to_ms)
+    return Plan([piece], None, conn).where(piece, clauses)
 
 
 def mask_email(text: str) -> str:
