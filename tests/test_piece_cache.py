@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from datasource import query_plan, rollup, store
-from datasource.query_plan import PieceCache, Reader
+from datasource.query_plan import Bins, PieceCache, Reader, _bins
 from datasource.sketch import Sketch
 from test_rollup import make_event
 
@@ -86,8 +86,8 @@ def test_a_late_event_in_a_cached_day_is_seen_at_once(loaded):
 def test_piece_cache_keeps_to_its_budget_oldest_first():
     cache = PieceCache(max_bins=12)  # one piece may hold at most 12 // 4 = 3 bins
 
-    def piece(n_bins: int) -> dict[tuple, dict[int, int]]:
-        return {("k",): {i: 1 for i in range(n_bins - 1)}, ("j",): {99: 2}}  # n_bins bins over two groups
+    def piece(n_bins: int) -> dict[tuple, Bins]:  # n_bins bins over two groups
+        return {("k",): _bins({i: 1 for i in range(n_bins - 1)}), ("j",): _bins({99: 2})}
 
     entries = {name: piece(3) for name in "abcd"}
     for name, merged in entries.items():
@@ -100,9 +100,47 @@ def test_piece_cache_keeps_to_its_budget_oldest_first():
     assert [cache.get((name,), (1,)) is not None for name in "bcde"] == [True] * 4
     cache.put(("f",), (1,), piece(4))  # more than a quarter of the budget: not kept, nothing evicted
     assert cache.get(("f",), (1,)) is None and cache.get(("b",), (1,)) is entries["b"]
-    small = {("k",): {7: 1}}
+    small = {("k",): _bins({7: 1})}
     cache.put(("b",), (2,), small)  # replacing an entry frees its 3 bins first: 11 - 3 + 1 = 9 held
     assert cache.get(("b",), (2,)) is small and cache.get(("b",), (1,)) is None
     assert [cache.get((name,), (1,)) is not None for name in "cde"] == [True] * 3
     cache.put(("g",), (1,), piece(3))  # 9 + 3 = 12: nothing evicted
     assert [cache.get((name,), (1,)) is not None for name in "cdeg"] == [True] * 4
+
+
+def test_cached_bins_are_compact_and_equal_to_the_decoded_sketch():
+    """The caches hold (indexes, counts) int64 arrays: 16 bytes a bin, the same bins decode gives."""
+    sk = Sketch()
+    sk.extend([1, 2, 2, 350, 350, 350, 90_000] + list(range(1, 400)))
+    blob = sk.to_bytes()
+    indexes, counts = query_plan.decoded(blob)
+    assert dict(zip(indexes, counts)) == sk.bins
+    assert indexes.itemsize == counts.itemsize == 8 and sum(counts) == 406
+    assert query_plan.decoded(blob)[0] is indexes  # the second call is the cached entry
+
+
+def test_memo_drops_expired_entries_when_it_stores(monkeypatch):
+    """An entry past MEMO_TTL_S goes at the next put, not only once 64 are held."""
+    clock = [100.0]
+    monkeypatch.setattr(query_plan.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(query_plan, "_memo", {})
+
+    class Conn:
+        filename = "x.db"
+
+        def total_changes(self) -> int:
+            return 0
+
+        def pragma(self, name: str) -> int:
+            return 1
+
+    conn = Conn()
+    query_plan._memo_put(conn, ("a",), "A")
+    clock[0] += query_plan.MEMO_TTL_S / 2
+    query_plan._memo_put(conn, ("b",), "B")
+    assert query_plan._memo_get(conn, ("a",)) == "A" and len(query_plan._memo) == 2
+    clock[0] += query_plan.MEMO_TTL_S * 0.75  # a is now past the TTL, b is not
+    query_plan._memo_put(conn, ("c",), "C")
+    assert len(query_plan._memo) == 2
+    assert query_plan._memo_get(conn, ("a",)) is None
+    assert [query_plan._memo_get(conn, (k,)) for k in "bc"] == ["B", "C"]
