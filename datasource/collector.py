@@ -16,7 +16,9 @@ import threading
 import time
 from typing import Callable
 
-from datasource import store, store_status
+import apsw
+
+from datasource import db, store, store_status
 from datasource.config import Settings
 from datasource.db import open_database
 from datasource.lock import CollectorLock
@@ -37,6 +39,13 @@ REPEAT_LOG_S = 300.0
 # 5,000-event transactions of ~0.33 s on the 10 M file, so a first prune of millions of events
 # leaves the WAL bound and a stop answered within a transaction.
 PRUNE_TICK_S = 1.0
+# Planner statistics: the collector's connections skip `PRAGMA optimize` at open, which ANALYZEs
+# every stale table in one statement holding the write lock (21 s on a 10 M-event file without
+# statistics: the store waited, then its busy timeout expired and it retried). The supervisor asks
+# what optimize would refresh when it starts and every STATS_CHECK_S after, and ANALYZEs it one
+# index at a time, at most STATS_TICK_S of them per tick (one index of that file ~1 s).
+STATS_CHECK_S = 6 * 3600.0
+STATS_TICK_S = 0.5
 MODES = ("auto", "subscribe", "http", "resp")
 
 
@@ -72,6 +81,10 @@ class CollectorService:
         self.wal_checkpoints = 0
         self._sidecar: store_status.StatusSidecar | None = None
         self._state_lock = threading.Lock()
+        self._stale: list[str] | None = None  # indexes left to ANALYZE, while a refresh is under way
+        self._next_stats_check = 0.0  # time.monotonic()
+        self._analyzed = 0
+        self.stats_refreshes = 0
 
     def start(self) -> None:
         """Non-blocking and idempotent; raises ValueError/ConfigRefused for unusable settings."""
@@ -105,7 +118,8 @@ class CollectorService:
         try:
             while not self._stop.is_set():
                 try:
-                    conn = conn or open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms)
+                    conn = conn or open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms,
+                                                 optimize=False)  # _statistics() instead
                     self._tick(conn)
                     self._error_cleared()
                 except Exception as exc:  # never let the supervising thread die (a busy or missing database)
@@ -144,6 +158,36 @@ class CollectorService:
         now_ms = int(self._now() * 1000)
         if now_ms >= self._next_prune_ms:
             self._prune(conn, now_ms)
+        self._statistics(conn)
+
+    def _statistics(self, conn: apsw.Connection) -> None:
+        """Stale planner statistics refreshed a few indexes per tick (see STATS_CHECK_S)."""
+        now = time.monotonic()
+        if self._stale is None:
+            if now < self._next_stats_check:
+                return
+            try:
+                self._stale, self._analyzed = db.stale_statistics(conn), 0  # its debugging mode locks too
+            except apsw.BusyError:
+                return
+            self._next_stats_check = now + STATS_CHECK_S
+        deadline = now + STATS_TICK_S
+        while self._stale and not self._stop.is_set():  # at least one index a tick
+            try:
+                db.analyze(conn, self._stale[0])
+            except apsw.BusyError:
+                return  # the store kept the write lock past the busy timeout: the same index next tick
+            except apsw.SQLError as exc:  # dropped since it was listed (a migration): nothing to analyze
+                logger.debug("statistics: %s skipped: %s", self._stale[0], exc)
+            self._stale.pop(0)
+            self._analyzed += 1
+            if time.monotonic() >= deadline:
+                break
+        if not self._stale:
+            if self._analyzed:
+                self.stats_refreshes += 1
+                logger.info("statistics: %d stale indexes analyzed", self._analyzed)
+            self._stale = None
 
     def _prune(self, conn: object, now_ms: int) -> None:
         """The daily retention job, PRUNE_TICK_S of it per tick until it has caught up."""

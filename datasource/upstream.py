@@ -202,7 +202,8 @@ class UpstreamLoop:
         """The loop's write connection; a busy database (a concurrent migrate or prune) is retried."""
         while not self.stop.is_set():
             try:
-                self.conn = open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms)
+                self.conn = open_database(self.settings.db, busy_timeout_ms=self.settings.busy_timeout_ms,
+                                          optimize=False)  # the supervisor refreshes statistics
                 return True
             except Exception as exc:
                 logger.warning("%s: cannot open the database yet (%s); retrying", self.name, exc)

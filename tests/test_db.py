@@ -147,3 +147,52 @@ def test_migrate_writes_only_the_steps_a_database_needs(db_path):
     assert watcher.pragma("data_version") == seen  # another connection's commit would change it
     watcher.close()
 
+
+
+# --- planner statistics: the collector refreshes them an index at a time ---------------------------
+def _stat(conn, idx: str):
+    row = conn.execute("SELECT stat FROM sqlite_stat1 WHERE idx = ?", (idx,)).fetchone()
+    return row[0] if row else None
+
+
+def test_stale_statistics_lists_each_index_and_analyze_refreshes_it(db_path):
+    """What `PRAGMA optimize` would ANALYZE, split by index: 30 events (one account, key, model;
+    distinct timestamps and request ids) give the stat rows ANALYZE computes from them."""
+    from datasource.db import analyze, stale_statistics
+    _stored_without_statistics(db_path, 30)
+    conn = open_database(db_path, optimize=False)
+    try:
+        assert _stat(conn, "events_ts") is None
+        stale = stale_statistics(conn)
+        event_indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+        assert len(event_indexes) == 9 and event_indexes <= set(stale)
+        assert "events" not in stale  # split into its indexes: one short write lock each
+        assert "sqlite_autoindex_event_ledger_1" in stale and "event_private" in stale
+        for name in stale:
+            analyze(conn, name)
+        assert _stat(conn, "events_ts") == "30 1"  # 30 rows, each ts_ms its own
+        assert _stat(conn, "events_account_ts") == "30 30 1"  # one account: 30 rows per key
+        assert _stat(conn, "events_request_hour") == "30 30 1"  # one hour, 30 ids
+        assert _stat(conn, "event_ledger") == "30 1 1"
+        left = stale_statistics(conn)  # only empty tables without an index: ANALYZE writes no row
+        assert left and all(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == 0 for t in left)
+    finally:
+        conn.close()
+
+
+def test_connect_runs_optimize_unless_told_not_to(db_path):
+    _stored_without_statistics(db_path, 12)
+    assert _stat(connect(db_path, optimize=False), "events_ts") is None
+    assert _stat(connect(db_path, readonly=True), "events_ts") is None  # a reader never writes
+    assert _stat(connect(db_path), "events_ts") == "12 1"
+
+
+def _stored_without_statistics(db_path: str, count: int) -> None:
+    from collector_helpers import event
+    from datasource import store
+    from datasource.normalize import normalize
+    conn = open_database(db_path, optimize=False)
+    try:
+        store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(count)], origin="test")
+    finally:
+        conn.close()
