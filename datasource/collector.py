@@ -46,6 +46,7 @@ PRUNE_TICK_S = 1.0
 # index at a time, at most STATS_TICK_S of them per tick (one index of that file ~1 s).
 STATS_CHECK_S = 6 * 3600.0
 STATS_TICK_S = 0.5
+STATS_LATER = (apsw.BusyError, apsw.FullError, apsw.ReadOnlyError)
 MODES = ("auto", "subscribe", "http", "resp")
 
 
@@ -168,15 +169,16 @@ class CollectorService:
                 return
             try:
                 self._stale, self._analyzed = db.stale_statistics(conn), 0  # its debugging mode locks too
-            except apsw.BusyError:
+            except STATS_LATER:
                 return
             self._next_stats_check = now + STATS_CHECK_S
         deadline = now + STATS_TICK_S
         while self._stale and not self._stop.is_set():  # at least one index a tick
             try:
                 db.analyze(conn, self._stale[0])
-            except apsw.BusyError:
-                return  # the store kept the write lock past the busy timeout: the same index next tick
+            except STATS_LATER:
+                return  # the store kept the write lock past the busy timeout (or the disk is full or
+                # read-only, which the store reports): the same index next tick
             except apsw.SQLError as exc:  # dropped since it was listed (a migration): nothing to analyze
                 logger.debug("statistics: %s skipped: %s", self._stale[0], exc)
             self._stale.pop(0)

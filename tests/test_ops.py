@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import replace
 
+import apsw
 import pytest
 from click.testing import CliRunner
 
@@ -389,4 +390,28 @@ def test_statistics_wait_for_the_write_lock_and_lose_no_index(settings, monkeypa
     _stored_without_statistics(settings.db, 25, 500)  # stale again, but the next check is hours away
     svc._statistics(conn)
     assert svc._stale is None and svc.stats_refreshes == 1 and _stat(settings.db, "events_ts") == "25 1"
+    conn.close()
+
+
+def test_statistics_on_a_full_disk_wait_quietly_for_the_next_tick(settings, monkeypatch, caplog):
+    """A full (or read-only) disk refuses an ANALYZE as it refuses the store: the index stays first
+    in line and nothing is logged as a supervisor error (the store reports the disk)."""
+    from datasource import db as db_module
+    _stored_without_statistics(settings.db, 0, 5)
+    svc = CollectorService(settings_for(settings, "http://127.0.0.1:1"), timing=FAST)
+    conn = open_database(settings.db, optimize=False)
+    caplog.set_level("DEBUG", logger="datasource.collector")
+
+    def full(conn, name):
+        raise apsw.FullError("database or disk is full")
+
+    monkeypatch.setattr(db_module, "analyze", full)
+    svc._statistics(conn)
+    left = list(svc._stale or [])
+    svc._statistics(conn)
+    assert left and svc._stale == left and svc._analyzed == 0 and not caplog.records
+    monkeypatch.undo()
+    monkeypatch.setattr(collector_module, "STATS_TICK_S", 60.0)
+    svc._statistics(conn)
+    assert svc._stale is None and svc._analyzed == len(left) and _stat(settings.db, "events_ts") == "5 1"
     conn.close()
