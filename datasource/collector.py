@@ -187,6 +187,10 @@ class CollectorService:
                 break
         if not self._stale:
             if self._analyzed:
+                try:
+                    db.mark_statistics(conn, int(self._now() * 1000))  # readers reopen (db.Readers)
+                except STATS_LATER:
+                    return  # marked at the next tick
                 self.stats_refreshes += 1
                 logger.info("statistics: %d stale indexes analyzed", self._analyzed)
             self._stale = None

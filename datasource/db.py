@@ -903,10 +903,20 @@ def ensure_schema(path: str, *, busy_timeout_ms: int = 5000) -> int:
     return SCHEMA_VERSION
 
 
+# How often a reader checks whether the planner statistics changed (see Readers), and where the
+# collector notes that it refreshed them.
+STATISTICS_RECHECK_S = 5.0
+STATISTICS_KEY = "statistics_ms"
+
+
 class Readers:
-    """One read-only connection per thread, reopened when the process has forked, and when it
-    was opened immutable on a read-only filesystem that has become writable (SQLite takes no
-    locks on an immutable file: once the collector writes again, it must not be read that way)."""
+    """One read-only connection per thread, reopened when the process has forked, when it was
+    opened immutable on a read-only filesystem that has become writable (SQLite takes no locks on
+    an immutable file: once the collector writes again, it must not be read that way), and when
+    the planner statistics changed (`statistics_mark`, checked at most every STATISTICS_RECHECK_S):
+    an open connection keeps planning with the statistics it loaded at open, whatever another
+    connection ANALYZEs (tested), and the collector refreshes them after the service has started
+    (collector._statistics)."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
@@ -914,12 +924,35 @@ class Readers:
         self._local = threading.local()
 
     def get(self) -> apsw.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and is_immutable(conn) and not _on_read_only_fs_without_wal(self.path):
-            conn.close()
-            conn = None
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if getattr(local, "pid", None) != os.getpid():
+            conn = None  # the parent's: never used (nor closed) in a forked child
+        elif conn is not None and is_immutable(conn):
+            if not _on_read_only_fs_without_wal(self.path):
+                conn.close()
+                conn = None
+        elif conn is not None and time.monotonic() >= local.recheck:
+            local.recheck = time.monotonic() + STATISTICS_RECHECK_S
+            if statistics_mark(conn) != local.mark:
+                conn.close()
+                conn = None
+        if conn is None:
             conn = connect(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
-            self._local.conn = conn
-            self._local.pid = os.getpid()
+            local.conn, local.pid = conn, os.getpid()
+            local.mark = statistics_mark(conn)
+            local.recheck = time.monotonic() + STATISTICS_RECHECK_S
         return conn
+
+
+def statistics_mark(conn: apsw.Connection) -> tuple[int, str | None]:
+    """What tells a reader the planner statistics changed since it opened: the schema version and
+    the time the collector last refreshed them (meta `statistics_ms`). An ANALYZE changes the schema
+    version only when it creates sqlite_stat1, so the collector writes the time as well."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (STATISTICS_KEY,)).fetchone()
+    return conn.pragma("schema_version"), row[0] if row else None
+
+
+def mark_statistics(conn: apsw.Connection, now_ms: int) -> None:
+    conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                 (STATISTICS_KEY, str(now_ms)))

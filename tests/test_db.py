@@ -196,3 +196,30 @@ def _stored_without_statistics(db_path: str, count: int) -> None:
         store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(count)], origin="test")
     finally:
         conn.close()
+
+
+def test_a_reader_reopens_once_the_collector_marked_new_statistics(db_path, monkeypatch):
+    """An open connection keeps the statistics it loaded: its plan stays as it was after another
+    connection's ANALYZE, and the schema version does not move (sqlite_stat1 existed). Readers
+    reopens the thread's connection once `statistics_ms` in meta changed (the collector writes it
+    after a refresh)."""
+    import datasource.db as db_module
+    _stored_without_statistics(db_path, 40)
+    readers = Readers(db_path)
+    first = readers.get()
+    q = "EXPLAIN QUERY PLAN SELECT id FROM events WHERE account_key = ? AND ts_ms > ?"
+    before = first.execute(q, ("x", 0)).fetchall()
+    version = first.pragma("schema_version")
+    writer = open_database(db_path, optimize=False)
+    writer.execute("ANALYZE events")  # one account for all 40 rows: its index is no help now
+    monkeypatch.setattr(db_module, "STATISTICS_RECHECK_S", 0.0)
+    readers._local.recheck = 0.0
+    assert readers.get() is first and first.pragma("schema_version") == version
+    assert first.execute(q, ("x", 0)).fetchall() == before  # the old statistics, still
+    db_module.mark_statistics(writer, 1_700_000_000_000)
+    writer.close()
+    second = readers.get()
+    assert second is not first
+    fresh = connect(db_path, readonly=True)
+    assert second.execute(q, ("x", 0)).fetchall() == fresh.execute(q, ("x", 0)).fetchall() != before
+    assert readers.get() is second  # unchanged since: the same connection

@@ -358,6 +358,7 @@ def test_collector_refreshes_stale_statistics_an_index_at_a_time_while_it_ingest
     assert _stat(settings.db, "events_ts") in ("40 1", "60 1")  # the count when its turn came
     assert _stat(settings.db, "event_ledger") in ("40 1 1", "60 1 1")
     assert any("stale indexes analyzed" in r.getMessage() for r in caplog.records)
+    assert int(scalar(settings.db, "SELECT value FROM meta WHERE key = 'statistics_ms'")) > 0  # readers reopen
 
 
 def test_statistics_wait_for_the_write_lock_and_lose_no_index(settings, monkeypatch):
