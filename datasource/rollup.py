@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from itertools import islice
@@ -242,10 +243,33 @@ def _one_sample_blob(bucket: int | None) -> bytes | None:
     return blob
 
 
+# json.dumps(..., ensure_ascii=False) escapes only these; a set without them encodes as a join.
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
+
+
 def encode_set(values: Iterable[str]) -> str:
     """A set of texts as stored in a `sets` column: a JSON array, sorted (code points), no duplicates,
     no spaces. One encoding per set, so merging in any order, or rebuilding, gives the same bytes."""
-    return json.dumps(sorted(set(values)), ensure_ascii=False, separators=(",", ":"))
+    ordered = sorted(set(values))
+    if not ordered:
+        return "[]"
+    if _NEEDS_ESCAPE.search("".join(ordered)) is None:  # the text json.dumps gives, without its encoder
+        return '["' + '","'.join(ordered) + '"]'
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
+
+
+def _decode_set(encoded: str) -> list[str]:
+    """Inverse of encode_set. Without a backslash no value holds '"' (it would be escaped), so the
+    values of '["a","b"]' are the text between '["' and '"]' split at '","', when every '"' in it is
+    one of those delimiters; anything else (an escape, a corrupt value) goes through json.loads,
+    which raises on what is not JSON, so the batch rolls back."""
+    if encoded == "[]":
+        return []
+    if "\\" not in encoded and encoded.startswith('["') and encoded.endswith('"]'):
+        values = encoded[2:-2].split('","')
+        if encoded.count('"') == 2 * len(values):
+            return values
+    return json.loads(encoded)
 
 
 def merge_sets(a: str | None, b: str | None) -> str | None:
@@ -256,9 +280,9 @@ def merge_sets(a: str | None, b: str | None) -> str | None:
         return a
     if _holds(a, b):
         return a  # a already holds b's one value: a is the canonical encoding of the union
-    left = json.loads(a)
+    left = _decode_set(a)
     merged = set(left)
-    merged.update(json.loads(b))
+    merged.update(_decode_set(b))
     if len(merged) == len(left):
         return a
     return encode_set(merged)

@@ -252,6 +252,26 @@ def test_merge_sets_equals_the_set_union_on_awkward_values():
         assert rollup.merge_sets(b, a) == rollup.encode_set(left | right), (a, b)
 
 
+def test_encode_set_is_json_dumps_text_and_decodes_back():
+    """The join fast path gives exactly json.dumps's text (what earlier versions stored), and the
+    split fast path reads it back, for values with quotes, backslashes, control characters, line
+    separators, the '","' separator itself and empty strings."""
+    import json
+    import random
+
+    rng = random.Random(11)
+    alphabet = ["a", "Z", '"', "\\", ",", "[", "]", "é", "\x01", "\n", "\u2028", "\x7f", '","', "😀"]
+    for _ in range(5000):
+        values = {"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(0, 5))}
+        text = rollup.encode_set(values)
+        assert text == json.dumps(sorted(values), ensure_ascii=False, separators=(",", ":"))
+        assert rollup._decode_set(text) == sorted(values)
+    assert rollup.encode_set(["b", "a", "b"]) == '["a","b"]' and rollup._decode_set('["","a"]') == ["", "a"]
+    for corrupt in ('["a]', "not json", '["a""b"]'):
+        with pytest.raises(ValueError):
+            rollup._decode_set(corrupt)
+
+
 def usage_by_key(conn, lo: int, hi: int, *, rollups: bool = True) -> dict[str, tuple[int, int]]:
     spec = TargetSpec(target="usage", payload={"by": "api_key"}, from_ms=lo, to_ms=hi, interval_ms=HOUR,
                       max_data_points=1000, clauses=(), now_ms=hi)
