@@ -94,3 +94,17 @@ def service(settings: Settings, timing: Timing = FAST) -> CollectorService:
     svc = CollectorService(settings, timing=timing)
     svc.start()
     return svc
+
+
+def store_events(db: str, first: int, count: int, *, optimize: bool = True) -> None:
+    """Store event(first) .. event(first + count - 1) straight through insert_batch (no collector);
+    optimize=False opens as the collector does (no PRAGMA optimize: statistics stay stale)."""
+    from datasource import store
+    from datasource.db import open_database
+    from datasource.normalize import normalize
+    conn = open_database(db, optimize=optimize)
+    try:
+        store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(first, first + count)],
+                           origin="test")
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ import time
 import apsw
 import pytest
 
+from collector_helpers import store_events
 from datasource.db import SCHEMA_VERSION, Readers, SchemaError, connect, migrate, open_database
 
 
@@ -84,18 +85,6 @@ def test_readers_are_read_only_and_per_thread(db_path):
 
 
 # --- opening never writes what it does not have to (issue 7) ----------------------------------
-def _stored(db_path: str, first: int, count: int) -> None:
-    from collector_helpers import event
-    from datasource import store
-    from datasource.normalize import normalize
-    conn = open_database(db_path)
-    try:
-        store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(first, first + count)],
-                           origin="test")
-    finally:
-        conn.close()
-
-
 def _summary(client) -> int:
     body = {"range": {"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"},
             "targets": [{"refId": "S", "target": "summary"}]}
@@ -112,7 +101,7 @@ def test_opening_and_starting_while_a_writer_holds_the_lock(db_path):
     from datasource.app import create_app
     from datasource.config import Settings
     from datasource.db import ensure_schema
-    _stored(db_path, 0, 12)
+    store_events(db_path, 0, 12)
     writer = connect(db_path)
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO meta(key, value) VALUES ('uncommitted', 'x')")
@@ -159,7 +148,7 @@ def test_stale_statistics_lists_each_index_and_analyze_refreshes_it(db_path):
     """What `PRAGMA optimize` would ANALYZE, split by index: 30 events (one account, key, model;
     distinct timestamps and request ids) give the stat rows ANALYZE computes from them."""
     from datasource.db import analyze, stale_statistics
-    _stored_without_statistics(db_path, 30)
+    store_events(db_path, 0, 30, optimize=False)
     conn = open_database(db_path, optimize=False)
     try:
         assert _stat(conn, "events_ts") is None
@@ -181,21 +170,10 @@ def test_stale_statistics_lists_each_index_and_analyze_refreshes_it(db_path):
 
 
 def test_connect_runs_optimize_unless_told_not_to(db_path):
-    _stored_without_statistics(db_path, 12)
+    store_events(db_path, 0, 12, optimize=False)
     assert _stat(connect(db_path, optimize=False), "events_ts") is None
     assert _stat(connect(db_path, readonly=True), "events_ts") is None  # a reader never writes
     assert _stat(connect(db_path), "events_ts") == "12 1"
-
-
-def _stored_without_statistics(db_path: str, count: int) -> None:
-    from collector_helpers import event
-    from datasource import store
-    from datasource.normalize import normalize
-    conn = open_database(db_path, optimize=False)
-    try:
-        store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(count)], origin="test")
-    finally:
-        conn.close()
 
 
 def test_a_reader_reopens_once_the_collector_marked_new_statistics(db_path, monkeypatch):
@@ -204,7 +182,7 @@ def test_a_reader_reopens_once_the_collector_marked_new_statistics(db_path, monk
     reopens the thread's connection once `statistics_ms` in meta changed (the collector writes it
     after a refresh)."""
     import datasource.db as db_module
-    _stored_without_statistics(db_path, 40)
+    store_events(db_path, 0, 40, optimize=False)
     readers = Readers(db_path)
     first = readers.get()
     q = "EXPLAIN QUERY PLAN SELECT id FROM events WHERE account_key = ? AND ts_ms > ?"

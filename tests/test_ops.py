@@ -18,7 +18,8 @@ import apsw
 import pytest
 from click.testing import CliRunner
 
-from collector_helpers import FAST, KEY, event, event_count, query, request_ids, scalar, settings_for, wait_for
+from collector_helpers import (FAST, KEY, event, event_count, query, request_ids, scalar, settings_for,
+                               store_events, wait_for)
 from datasource import collector as collector_module
 from datasource import rollup, store
 from datasource.cli import cli
@@ -334,18 +335,11 @@ def _stat(db: str, idx: str):
         conn.close()
 
 
-def _stored_without_statistics(db: str, first: int, count: int) -> None:
-    conn = open_database(db, optimize=False)
-    store.insert_batch(conn, [normalize(event(i), instance="default") for i in range(first, first + count)],
-                       origin="test")
-    conn.close()
-
-
 def test_collector_refreshes_stale_statistics_an_index_at_a_time_while_it_ingests(settings, caplog):
     """The collector's connections skip `PRAGMA optimize` at open (one ANALYZE of every stale table,
     holding the write lock: 21 s on a 10 M file); the supervisor analyzes the stale indexes over its
     ticks instead, while the loop stores what it pops."""
-    _stored_without_statistics(settings.db, 0, 40)
+    store_events(settings.db, 0, 40, optimize=False)
     caplog.set_level("INFO", logger="datasource.collector")
     with RedisServer(KEY) as server:
         server.client().rpush("usage", *[event(i) for i in range(40, 60)])
@@ -365,7 +359,7 @@ def test_statistics_wait_for_the_write_lock_and_lose_no_index(settings, monkeypa
     """Listing and each ANALYZE take the write lock; one that meets the store's transaction past the
     busy timeout is retried at the next tick from the same index. A tick analyzes at least one index
     and goes on while within STATS_TICK_S; once all are done, the next check waits STATS_CHECK_S."""
-    _stored_without_statistics(settings.db, 0, 25)
+    store_events(settings.db, 0, 25, optimize=False)
     svc = CollectorService(settings_for(settings, "http://127.0.0.1:1"), timing=FAST)
     conn = open_database(settings.db, busy_timeout_ms=20, optimize=False)
     writer = connect(settings.db)
@@ -388,7 +382,7 @@ def test_statistics_wait_for_the_write_lock_and_lose_no_index(settings, monkeypa
     svc._statistics(conn)
     assert svc._stale is None and svc._analyzed == len(left) + 1 and svc.stats_refreshes == 1
     assert _stat(settings.db, "events_ts") == "25 1"
-    _stored_without_statistics(settings.db, 25, 500)  # stale again, but the next check is hours away
+    store_events(settings.db, 25, 500, optimize=False)  # stale again, but the next check is hours away
     svc._statistics(conn)
     assert svc._stale is None and svc.stats_refreshes == 1 and _stat(settings.db, "events_ts") == "25 1"
     conn.close()
@@ -398,7 +392,7 @@ def test_statistics_on_a_full_disk_wait_quietly_for_the_next_tick(settings, monk
     """A full (or read-only) disk refuses an ANALYZE as it refuses the store: the index stays first
     in line and nothing is logged as a supervisor error (the store reports the disk)."""
     from datasource import db as db_module
-    _stored_without_statistics(settings.db, 0, 5)
+    store_events(settings.db, 0, 5, optimize=False)
     svc = CollectorService(settings_for(settings, "http://127.0.0.1:1"), timing=FAST)
     conn = open_database(settings.db, optimize=False)
     caplog.set_level("DEBUG", logger="datasource.collector")
