@@ -142,11 +142,12 @@ class Pending:
     def __init__(self, pool: NormalizePool, raws: list[bytes], futures: list[Future]) -> None:
         self.pool = pool
         self.raws = raws
+        self._count = len(raws)
         self._futures = futures
         self._result: list[Outcome] | None = None
 
     def __len__(self) -> int:
-        return len(self.raws)
+        return self._count
 
     def result(self) -> list[Outcome]:
         if self._result is None:
@@ -158,4 +159,7 @@ class Pending:
                     self.pool._failed(exc)
                 self._futures = []
             self._result = out if out is not None else _normalize_chunk(self.raws, self.pool.instance)
+            # the popped bytes are not needed once normalized (a store retry stores the result):
+            # 5.6 MB in a 4,000-event group of the benchmark shape, freed while it is stored
+            self.raws = []
         return self._result

@@ -55,6 +55,18 @@ def test_results_match_local_normalize_in_input_order(pool):
     assert pool.fallbacks == 0
 
 
+def test_a_pending_batch_lets_go_of_its_bytes_once_normalized(pool):
+    """The popped bytes are dropped once the result is in; a store retry asks result() again and
+    gets the same list, and the batch keeps its length."""
+    items = raws(200)
+    pending = pool.submit(items)
+    assert len(pending) == 200 and pending.raws == items
+    first = pending.result()
+    assert pending.raws == [] and len(pending) == 200
+    assert pending.result() is first and len(first) == 200
+    assert isinstance(first[7], Rejected) and first[7].payload == b"not json"  # dead letters keep theirs
+
+
 def test_a_batch_submitted_to_two_workers_is_split_and_comes_back_in_input_order():
     two = NormalizePool(2, "east")
     try:
