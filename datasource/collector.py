@@ -43,7 +43,8 @@ PRUNE_TICK_S = 1.0
 # every stale table in one statement holding the write lock (21 s on a 10 M-event file without
 # statistics: the store waited, then its busy timeout expired and it retried). The supervisor asks
 # what optimize would refresh when it starts and every STATS_CHECK_S after, and ANALYZEs it one
-# index at a time, at most STATS_TICK_S of them per tick (one index of that file ~1 s).
+# index at a time, at most STATS_TICK_S of them per tick (that file: 41 indexes and tables in
+# 15.0 s, the longest 2.2 s).
 STATS_CHECK_S = 6 * 3600.0
 STATS_TICK_S = 0.5
 STATS_LATER = (apsw.BusyError, apsw.FullError, apsw.ReadOnlyError)

@@ -145,7 +145,8 @@ def stale_statistics(conn: apsw.Connection) -> list[str]:
     Asks optimize's debugging mode (0x01: it lists the ANALYZE statements it would run and runs
     none; instant), then splits each table into its indexes (a table without one stays whole).
     An ANALYZE holds the write lock until it ends: the whole of a 10 M-event file whose statistics
-    were stale took 21 s at open (the collector's store waited all along), one of its indexes ~1 s.
+    were stale took 21 s at open (the collector's store waited all along); one at a time, 41
+    indexes and tables in 15.0 s, the longest 2.2 s (`events_api_key_ts`).
     """
     names: list[str] = []
     for (line,) in conn.execute("PRAGMA optimize=0x10003"):
