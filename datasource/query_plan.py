@@ -387,8 +387,11 @@ def _memo_put(conn: Any, key: tuple, value: Any) -> None:
     of merged sketches at 10 M after a refresh), and all of them when 64 are still fresh."""
     now = time.monotonic()
     with _memo_lock:
-        for k in [k for k, (t, _) in _memo.items() if now - t > MEMO_TTL_S] or (list(_memo) if len(_memo) >= 64 else []):
-            _memo.pop(k, None)
+        gone = [k for k, (t, _) in _memo.items() if now - t > MEMO_TTL_S]
+        if not gone and len(_memo) >= 64:
+            gone = list(_memo)
+        for k in gone:
+            del _memo[k]
         _memo[_memo_key(conn, key)] = (now, value)
 
 
