@@ -229,8 +229,11 @@ def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
                 before, started = event_count(settings.db), time.monotonic()
                 result = CliRunner().invoke(cli, ["backup", "--db", settings.db, path])
                 assert result.exit_code == 0, result.output
-                paths.append((path, time.monotonic() - started, before, event_count(settings.db)))
-                time.sleep(0.3)
+                after = event_count(settings.db)
+                paths.append((path, time.monotonic() - started, before, after))
+                # the next backup starts once the collector committed past what this one could hold
+                # (a fixed pause was too short for a slow machine: two backups held the same 2,800)
+                wait_for(lambda: event_count(settings.db) > after, timeout=30, interval=0.01)
             done.set()
             publisher.join()
             total = pushed[0]
@@ -245,7 +248,7 @@ def test_backup_during_ingestion_is_a_consistent_prefix(settings, tmp_path):
         assert before <= len(ids) <= after
         sizes.append(len(ids))
         print(f"\nbackup during ingestion: {seconds:.2f} s, {len(ids)} events (live db {before} -> {after})")
-    # 0.3 s apart, with thousands of events published a second: each backup holds more than the last
+    # each backup started after a commit the one before could not hold: it holds more than the last
     assert sizes[0] < sizes[1] < sizes[2] < total
     assert sorted(_numbers(settings.db)) == list(range(total))
 
