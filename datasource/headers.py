@@ -36,7 +36,7 @@ _INT = re.compile(r"^[+-]?\d{1,18}$")
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QuotaWindow:
     name: str  # primary | secondary
     used_pct: float | None
@@ -55,7 +55,7 @@ class QuotaWindow:
         return "unknown"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeaderMeta:
     meta: dict[str, Any] = field(default_factory=dict)
     values: dict[str, str] = field(default_factory=dict)  # sanitized, lower-cased names

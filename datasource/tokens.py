@@ -32,7 +32,7 @@ _MODEL_INCLUDED = ("gpt-", "openai", "codex", "gemini", "vertex", "aistudio", "a
 _SEPARATE_MARKERS = ("anthropic", "claude")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenCounts:
     input: int
     output: int
