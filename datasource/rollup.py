@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import apsw
 
-from datasource import sketch, txn
+from datasource import bulk, sketch, txn
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ ALIASES: dict[str, tuple[str, str, str | None]] = {
 }
 _ALIAS_COLUMNS = tuple(c for cols in ALIASES.values() for c in cols if c)
 _ALIAS_DEFAULTS = {"model": "-"}  # events.model's DEFAULT; the key columns use _DIM_DEFAULTS
-INSERT_ALIAS = "INSERT OR IGNORE INTO rollup_aliases(dim, key, alias1, alias2) VALUES (?, ?, ?, ?)"
+INSERT_ALIAS = "INSERT OR IGNORE INTO rollup_aliases(dim, key, alias1, alias2)"  # bulk.execute: VALUES ...
 
 SOURCE_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(
     ("ts_ms", "failed", "status_class", "est_cost_usd", "latency_ms", "ttft_ms")
@@ -162,7 +162,8 @@ SOURCE_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(
 # --- SQL (constant text per spec, built once from the fixed SPECS) --------------
 
 
-def _upsert_sql(spec: RollupSpec) -> str:
+def _upsert_sql(spec: RollupSpec) -> tuple[str, str]:
+    """(head, tail) of the spec's upsert: `head VALUES (...),(...) tail` (bulk.execute)."""
     key = ("bucket_ms",) + spec.dims
     cols = key + MEASURES + ("first_ms", "last_ms", "last_failure_ms")
     sets = [f"{m} = {m} + excluded.{m}" for m in MEASURES]
@@ -175,7 +176,7 @@ def _upsert_sql(spec: RollupSpec) -> str:
     if spec.sets:
         cols += tuple(SET_COLUMNS)
         sets += [f"{c} = {SET_MERGE_FUNCTION}({c}, excluded.{c})" for c in SET_COLUMNS]
-    return (f"INSERT INTO {spec.table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+    return (f"INSERT INTO {spec.table}({', '.join(cols)})",
             f"ON CONFLICT({', '.join(key)}) DO UPDATE SET {', '.join(sets)}")
 
 
@@ -506,7 +507,8 @@ def apply(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]], specs: Seque
     register_functions(conn)
     written = 0
     for table, params in upsert_params(rows, specs).items():
-        conn.executemany(_UPSERT[table], params)
+        head, tail = _UPSERT[table]
+        bulk.execute(conn, head, params, tail)
         written += len(params)
     if aliases:
         apply_aliases(conn, rows)
@@ -566,7 +568,7 @@ def apply_aliases(conn: apsw.Connection, rows: Sequence[Mapping[str, Any]]) -> i
     """Record the alias tuples of newly inserted rows (inside the insert transaction)."""
     params = alias_params(rows)
     if params:
-        conn.executemany(INSERT_ALIAS, sorted(params))
+        bulk.execute(conn, INSERT_ALIAS, sorted(params))
     return len(params)
 
 

@@ -8,6 +8,7 @@ key the table does not know is dropped with a warning instead of reaching SQL.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import apsw
 
-from datasource import rollup, rowpack, txn
+from datasource import bulk, rollup, rowpack, txn
 from datasource.model import InsertResult, Normalized, Rejected
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,14 @@ logger = logging.getLogger(__name__)
 Connection = apsw.Connection
 StoreError = apsw.Error
 
-INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms) VALUES (?, ?) RETURNING hash"
+INSERT_LEDGER = "INSERT OR IGNORE INTO event_ledger(hash, ts_ms)"  # bulk.execute: VALUES ..., then
+LEDGER_RETURNING = "RETURNING hash"
 SELECT_MAX_EVENT_ID = "SELECT coalesce(max(id), 0) FROM events"
-SELECT_ACCOUNT = (
-    "SELECT name, label, account, provider, project_id FROM accounts "
-    "WHERE instance = ? AND auth_index = ?"
+# The auth files of a batch's accounts in one statement (auth indexes as a JSON array): a lookup
+# per account was ~300 executions a batch, each turning APSW's statement-cache ring (datasource.bulk).
+SELECT_ACCOUNTS = (
+    "SELECT auth_index, name, label, account, provider, project_id FROM accounts "
+    "WHERE instance = ? AND auth_index IN (SELECT value FROM json_each(?))"
 )
 INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters(received_ms, instance, origin, reason, payload) VALUES (?, ?, ?, ?, ?)"
@@ -92,11 +96,11 @@ def insert_batch(
     dead: list[tuple[Any, ...]] = []
     with txn.write(conn):
         next_id = conn.execute(SELECT_MAX_EVENT_ID).get + 1
-        accounts: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        accounts = _accounts(conn, items, instance)
         # one statement for the batch's ledger keys: RETURNING gives the keys it added, so an
         # event whose key was already there (or came earlier in this batch) is a duplicate
         keys = [(item.ledger_hash, item.row["ts_ms"]) for item in items if not isinstance(item, Rejected)]
-        fresh = {row[0] for row in conn.executemany(INSERT_LEDGER, keys)} if keys else set()
+        fresh = {row[0] for row in bulk.execute(conn, INSERT_LEDGER, keys, LEDGER_RETURNING)}
         for item in items:
             if isinstance(item, Rejected):
                 dead.append((received_ms, instance, origin, item.reason, item.payload))
@@ -131,7 +135,7 @@ def insert_batch(
 
 
 def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) -> None:
-    """executemany per distinct key set; keys that are not columns of `table` are dropped."""
+    """One bulk insert per distinct key set; keys that are not columns of `table` are dropped."""
     if not rows:
         return
     allowed = table_columns(conn, table)
@@ -146,15 +150,32 @@ def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) 
             index = [i for i, k in enumerate(keys) if k in allowed]
             keys = tuple(keys[i] for i in index)
             values = [tuple(v[i] for i in index) for v in values]
-        sql = f"INSERT INTO {table}({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
-        conn.executemany(sql, values)
+        bulk.execute(conn, f"INSERT INTO {table}({', '.join(keys)})", values)
+
+
+def _accounts(conn: apsw.Connection, items: Sequence[Normalized | Rejected],
+              instance: str) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """(instance, auth_index) -> the auth file's (name, label, account, provider, project_id), for
+    the accounts the batch's events name that the accounts table has."""
+    wanted: dict[str, set[str]] = {}
+    for item in items:
+        if isinstance(item, Rejected):
+            continue
+        auth_index = item.row.get("auth_index")
+        if auth_index:
+            wanted.setdefault(item.row.get("instance") or instance, set()).add(str(auth_index))
+    found: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for inst, indexes in wanted.items():
+        for auth_index, *fields in conn.execute(SELECT_ACCOUNTS, (inst, json.dumps(sorted(indexes)))):
+            found[(inst, auth_index)] = tuple(fields)
+    return found
 
 
 def _enrich(
     conn: apsw.Connection,
     out: dict[str, Any],
     instance: str,
-    cache: dict[tuple[str, str], tuple[Any, ...] | None],
+    accounts: Mapping[tuple[str, str], tuple[Any, ...]],
 ) -> None:
     """Fill `out`'s account fields from CPA's auth files (the accounts table), in place.
 
@@ -166,10 +187,7 @@ def _enrich(
     auth_index = out.get("auth_index")
     if not auth_index:
         return
-    key = (out.get("instance") or instance, str(auth_index))
-    if key not in cache:
-        cache[key] = conn.execute(SELECT_ACCOUNT, key).fetchone()
-    found = cache[key]
+    found = accounts.get((out.get("instance") or instance, str(auth_index)))
     if found is None:
         return
     name, label, account, provider, project_id = found
