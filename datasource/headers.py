@@ -23,6 +23,10 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _QUOTA_SCALARS = ("x-codex-plan-type", "x-codex-active-limit", "x-codex-rate-limit-reached-type",
                   "x-codex-credits-balance", "x-codex-credits-has-credits", "x-codex-credits-unlimited",
                   "x-codex-primary-over-secondary-limit-percent")
+_QUOTA_SCALAR_KEYS = tuple((n, n.removeprefix("x-codex-").replace("-", "_")) for n in _QUOTA_SCALARS)
+_WINDOW_HEADERS = {w: tuple(f"x-codex-{w}-{part}" for part in
+                            ("used-percent", "window-minutes", "reset-at", "reset-after-seconds"))
+                   for w in ("primary", "secondary")}
 _ROUTING = ("x-openai-proxy-wasm", "x-models-etag", "x-new-api-version", "server", "via", "cf-cache-status",
             "x-site-cache-status", "x-served-by", "x-mife-upstream-status")
 _RESPONSE = ("content-type", "content-disposition", "server-timing")
@@ -91,8 +95,8 @@ def header_values(raw: object) -> dict[str, str]:
     if not isinstance(raw, (dict, Mapping)):  # dict first: a Mapping check alone is slow
         return out
     for name, value in raw.items():
-        key = _name(name)
-        if not key or _dropped(key) or key in out:
+        key = _kept_name(name)
+        if not key or key in out:
             continue
         items = value if isinstance(value, list) else [value]
         for item in items:
@@ -107,6 +111,13 @@ def header_values(raw: object) -> dict[str, str]:
 @lru_cache(maxsize=1024)
 def _name(name: object) -> str:
     return str(name).strip().lower()
+
+
+@lru_cache(maxsize=1024)
+def _kept_name(name: object) -> str:
+    """The lower-cased header name, or "" for a header that is dropped (or has no name)."""
+    key = _name(name)
+    return "" if not key or _dropped(key) else key
 
 
 @lru_cache(maxsize=CACHE_SIZE)
@@ -166,11 +177,11 @@ def parse_time_ms(value: str | None) -> int | None:
 
 
 def _window(values: dict[str, str], name: str, event_ms: int) -> QuotaWindow | None:
-    prefix = f"x-codex-{name}-"
-    used = _float(values.get(prefix + "used-percent"))
-    minutes = _int(values.get(prefix + "window-minutes"))
-    recover = parse_time_ms(values.get(prefix + "reset-at"))
-    after = _float(values.get(prefix + "reset-after-seconds"))
+    used_name, minutes_name, at_name, after_name = _WINDOW_HEADERS[name]
+    used = _float(values.get(used_name))
+    minutes = _int(values.get(minutes_name))
+    recover = parse_time_ms(values.get(at_name))
+    after = _float(values.get(after_name))
     if recover is None and after is not None and 0 <= after < 1e10:
         recover = event_ms + int(after * 1000)
     if used is None and minutes is None and recover is None:
@@ -187,9 +198,9 @@ def _quota(values: dict[str, str], event_ms: int) -> tuple[dict[str, Any], list[
     section: dict[str, Any] = {}
     if not any(name.startswith("x-codex-") for name in values):  # every quota header is x-codex-*
         return section, []
-    for name in _QUOTA_SCALARS:
+    for name, key in _QUOTA_SCALAR_KEYS:
         if name in values:
-            section[name.removeprefix("x-codex-").replace("-", "_")] = values[name]
+            section[key] = values[name]
     windows = [w for w in (_window(values, n, event_ms) for n in ("primary", "secondary")) if w]
     for w in windows:
         section[w.name] = _window_dict(w)
@@ -239,7 +250,8 @@ def _retry_after(value: str | None, event_ms: int) -> tuple[int | None, int | No
 def _trace(values: dict[str, str]) -> tuple[dict[str, str], str | None]:
     section = {name: values[name] for name in _TRACE_ORDER if name in values}
     primary = next(iter(section.values()), None)
-    match = _TRACEPARENT.match(values.get("traceparent", ""))
+    parent = values.get("traceparent")
+    match = _TRACEPARENT.match(parent) if parent else None
     if match and match.group(1) != "ff" and set(match.group(2)) != {"0"} and set(match.group(3)) != {"0"}:
         section["traceparent"] = match.group(0)
         primary = primary or match.group(2)
