@@ -7,8 +7,8 @@ evicted every other statement: each insert_batch prepared its ~30 statements aga
 upserts among them (7 % of insert_batch in the 10 M store, py-spy).
 
 Here a statement carries up to 64 rows (`VALUES (?,?),(?,?),...`), and the rows left over go in
-chunks of 32, 16, ... 1, so a table's rows take at most rows/64 + 7 executions and its texts are
-a handful of fixed strings. SQLite runs a multi-row VALUES row by row, as executemany did: an
+chunks of 16, 4 and 1, so a table's rows take at most rows/64 + 9 executions and its texts are
+four fixed strings. SQLite runs a multi-row VALUES row by row, as executemany did: an
 upsert meets the rows before it, RETURNING gives one row per row inserted.
 """
 
@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import apsw
 
-# Largest rows per statement; then the powers of two below it for what is left.
+# Rows per statement, largest first; the smaller sizes take what is left (at most 3 of each).
+# Fewer sizes than every power of two: fewer texts to keep cached, each used in nearly every batch.
 CHUNKS = (64, 16, 4, 1)
 # APSW does not cache a statement text this long or longer (Connection.cache_stats()
 # "max_cacheable_bytes"); a chunk size whose text would be is not used.

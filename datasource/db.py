@@ -67,7 +67,7 @@ def _on_read_only_fs_without_wal(path: str) -> bool:
     return read_only and os.path.exists(path) and not os.path.exists(path + "-wal")
 
 
-# APSW's statement cache (a ring; see datasource.bulk). A writer's insert_batch runs ~200 texts (7
+# APSW's statement cache (a ring; see datasource.bulk). A writer's insert_batch runs ~100 texts (4
 # chunk sizes of ~30 statements) in ~370 executions a batch: 512, APSW's largest, keeps the ones
 # every batch runs cached from one batch to the next. A reader keeps 200 (gunicorn gives each
 # thread one; every statement held costs memory).

@@ -109,14 +109,9 @@ def header_values(raw: object) -> dict[str, str]:
 
 
 @lru_cache(maxsize=1024)
-def _name(name: object) -> str:
-    return str(name).strip().lower()
-
-
-@lru_cache(maxsize=1024)
 def _kept_name(name: object) -> str:
     """The lower-cased header name, or "" for a header that is dropped (or has no name)."""
-    key = _name(name)
+    key = str(name).strip().lower()
     return "" if not key or _dropped(key) else key
 
 

@@ -111,7 +111,7 @@ def insert_batch(
             fresh.discard(item.ledger_hash)
             # compact form (rowpack, a copy); packing leaves alone the account columns _enrich fills
             row = rowpack.pack(item.row)
-            _enrich(conn, row, instance, accounts)
+            _enrich(row, instance, accounts)
             row["id"] = next_id
             events.append(row)
             private = {k: v for k, v in item.private.items() if v is not None}
@@ -161,9 +161,9 @@ def _accounts(conn: apsw.Connection, items: Sequence[Normalized | Rejected],
     for item in items:
         if isinstance(item, Rejected):
             continue
-        auth_index = item.row.get("auth_index")
-        if auth_index:
-            wanted.setdefault(item.row.get("instance") or instance, set()).add(str(auth_index))
+        key = _account_key(item.row, instance)
+        if key is not None:
+            wanted.setdefault(key[0], set()).add(key[1])
     found: dict[tuple[str, str], tuple[Any, ...]] = {}
     for inst, indexes in wanted.items():
         for auth_index, *fields in conn.execute(SELECT_ACCOUNTS, (inst, json.dumps(sorted(indexes)))):
@@ -171,8 +171,13 @@ def _accounts(conn: apsw.Connection, items: Sequence[Normalized | Rejected],
     return found
 
 
+def _account_key(row: Mapping[str, Any], instance: str) -> tuple[str, str] | None:
+    """(instance, auth_index) of the account an events row names; None when it names none."""
+    auth_index = row.get("auth_index")
+    return (row.get("instance") or instance, str(auth_index)) if auth_index else None
+
+
 def _enrich(
-    conn: apsw.Connection,
     out: dict[str, Any],
     instance: str,
     accounts: Mapping[tuple[str, str], tuple[Any, ...]],
@@ -184,10 +189,8 @@ def _enrich(
     account, label, then source. An account the event brought itself (an imported export line)
     is kept; auth file, project and provider fill only empty fields.
     """
-    auth_index = out.get("auth_index")
-    if not auth_index:
-        return
-    found = accounts.get((out.get("instance") or instance, str(auth_index)))
+    key = _account_key(out, instance)
+    found = None if key is None else accounts.get(key)
     if found is None:
         return
     name, label, account, provider, project_id = found
