@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, Iterator, Mapping
 
 from datasource.model import Normalized, Rejected
-from datasource.normalize import plain_json_text
+from datasource.normalize import fast_decode, plain_json_text
 
 EXPORT_MARKER = "cpa_monitor_export"
 EXPORT_VERSION = 1
@@ -137,6 +137,9 @@ def read_records(stream: BinaryIO, *, max_item_bytes: int = MAX_ITEM_BYTES) -> I
 def classify(raw: bytes, text: str | None = None) -> Record | Rejected | None:
     """One item: a Record for a JSON object, None for a blank item, else a reject with the reason."""
     if text is None:
+        fast = fast_decode(raw)  # not when given the text: raw may then be its lossy encoding
+        if fast is not None and isinstance(fast[0], dict):
+            return Record(raw, fast[0], fast[1])
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -13,6 +13,8 @@ import re
 import time
 from typing import Any, Mapping
 
+import orjson
+
 from datasource import classify, sanitize
 from datasource.headers import HeaderMeta, parse_headers, safe_headers
 from datasource.model import Control, Normalized, Rejected
@@ -46,6 +48,9 @@ def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | N
     payload = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Rejected(f"payload is larger than {MAX_PAYLOAD_BYTES} bytes", payload[:MAX_PAYLOAD_BYTES])
+    fast = fast_decode(payload)
+    if fast is not None:
+        return normalize_obj(fast[0], payload, instance=instance, pricer=pricer, now_ms=now_ms, _plain=fast[1])
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -64,6 +69,32 @@ def normalize(raw: bytes | str, *, instance: str = "default", pricer: Pricer | N
 
 # One decoder for every item: json.loads(text, parse_constant=...) builds a new decoder per call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+# 19 digits in a row may be an integer past 64 bits, which orjson turns into a float. Found by
+# mapping digits to "0" and the rest to " ", then a substring search: both in C, ~1.5 us a
+# payload, where the regex [0-9]{19} took 20.
+_DIGIT_RUNS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def fast_decode(payload: bytes) -> tuple[Any, bool] | None:
+    """(value, plain) from orjson where the json module would decode the same value; else None.
+
+    orjson takes a third of the json module's instructions on CPA's payloads (41,000 against
+    119,000 each, cachegrind). What it accepts, the json module accepts with the same value,
+    except an integer past 64 bits, which orjson turns into a float. Such payloads, and all that
+    orjson refuses (NaN, a BOM, lone surrogates, invalid UTF-8, malformed JSON), return None:
+    the caller takes the json path, which decides and words the rejection as before. `plain`
+    is `plain_json_text`'s verdict: orjson accepts only valid UTF-8 without lone surrogates, so
+    only the bracket count is left to check.
+    """
+    if _LONG_RUN in payload.translate(_DIGIT_RUNS):
+        return None
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return value, payload.count(b"{") + payload.count(b"[") <= MAX_DEPTH + 1
 
 
 def plain_json_text(text: str) -> bool:
