@@ -7,6 +7,7 @@ Neither ever raises: anything unusable becomes `Rejected(reason, payload)`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -198,7 +199,7 @@ def _control(obj: Mapping[str, Any]) -> Control | None:
 
 
 def _label(value: str | None) -> str | None:
-    return sanitize.clean_text(value, _LABEL)
+    return sanitize.clean_label(value) if value else None
 
 
 def _failed(obj: Mapping[str, Any]) -> bool:
@@ -231,21 +232,31 @@ def _summary_text(body: str, headers_raw: Any) -> str:
 
 
 def _identity(obj: Mapping[str, Any]) -> dict[str, Any]:
-    source = text_of(obj, SOURCE_KEYS)
+    ident = dict(_account_identity(text_of(obj, SOURCE_KEYS), text_of(obj, ("auth_index", "authIndex")),
+                                   text_of(obj, ("auth_type", "authType")), text_of(obj, PROJECT_KEYS)))
+    ident["api_key_hash"], ident["api_key_masked"] = _caller_identity(text_of(obj, API_KEY_KEYS))
+    ident["user_agent"] = sanitize.clean_text(text_of(obj, ("user_agent", "userAgent")),
+                                              sanitize.USER_AGENT_MAX_BYTES)
+    return ident
+
+
+@functools.lru_cache(maxsize=sanitize.CACHE_SIZE)
+def _account_identity(source: str, auth_index: str, auth_type: str, project: str) -> dict[str, Any]:
+    """The account columns of an event (a deployment has a few hundred accounts). Callers copy it."""
     source_hash = sanitize.sha256_hex(source) if source else ""
-    auth_index = text_of(obj, ("auth_index", "authIndex"))
-    api_key = text_of(obj, API_KEY_KEYS)
     masked = sanitize.mask_source(source)
     account_key = auth_index or (f"src:{source_hash[:16]}" if source_hash else "-")
     return {
-        "auth_type": _label(text_of(obj, ("auth_type", "authType"))), "auth_index": _label(auth_index),
+        "auth_type": _label(auth_type), "auth_index": _label(auth_index),
         "account_key": _label(account_key) or "-", "account": masked, "auth_file": None,
-        "project_id": _label(text_of(obj, PROJECT_KEYS)), "source": masked,
-        "source_hash": source_hash or None, "api_key_hash": sanitize.api_key_hash(api_key),
-        "api_key_masked": sanitize.mask_api_key(api_key),
-        "user_agent": sanitize.clean_text(text_of(obj, ("user_agent", "userAgent")),
-                                          sanitize.USER_AGENT_MAX_BYTES),
+        "project_id": _label(project), "source": masked, "source_hash": source_hash or None,
     }
+
+
+@functools.lru_cache(maxsize=sanitize.CACHE_SIZE)
+def _caller_identity(api_key: str) -> tuple[str | None, str | None]:
+    """(hash, masked form) of the caller's CPA API key."""
+    return sanitize.api_key_hash(api_key), sanitize.mask_api_key(api_key)
 
 
 def _models(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,7 +332,7 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
     digest = event_hash(_hash_parts(obj, ts, endpoint, models["model"], ident, tokens, failed))
     row: dict[str, Any] = {
         "event_hash": digest, "instance": instance, "ts_ms": ts_ms, "ts": ts,
-        "request_id": _label(text_of(obj, REQUEST_ID_KEYS)), "provider": _label(provider) or "unknown",
+        "request_id": sanitize.clean_unique(text_of(obj, REQUEST_ID_KEYS), _LABEL), "provider": _label(provider) or "unknown",
         "payload_provider": _label(provider), "request_type": _label(executor), "endpoint": _label(endpoint),
         "method": _label(method), "path": _label(path), **ident,
         **{k: (_label(v) if isinstance(v, str) else v) for k, v in models.items()},

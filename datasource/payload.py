@@ -160,14 +160,14 @@ def _parse_string_ts(text: str) -> tuple[int, str] | None:
 
 def parse_timestamp(value: Any, now_ms: int) -> tuple[int, str]:
     """(epoch ms, Go RFC3339Nano UTC string). Numbers below 1e10 are seconds; junk means now."""
+    if isinstance(value, str):  # CPA's RFC 3339 text first: no numeric string matches its pattern
+        parsed = _parse_string_ts(value.strip())
+        if parsed:
+            return parsed
     number = as_number(value)
     if number is not None:
         ms = int(number * 1000) if abs(number) < 1e10 else int(number)
         return (ms, render_ts(ms)) if 0 <= ms <= _MAX_MS else (now_ms, render_ts(now_ms))
-    if isinstance(value, str):
-        parsed = _parse_string_ts(value.strip())
-        if parsed:
-            return parsed
     return now_ms, render_ts(now_ms)
 
 

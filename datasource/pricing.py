@@ -177,6 +177,7 @@ class Pricer:
         return event_cost(price, str(row.get("billing_model") or model), row)
 
 
+@lru_cache(maxsize=1024)
 def tier_multiplier(model: str, tier: str | None) -> float:
     tier = (tier or "").lower()
     base = _DATE_SUFFIX.sub("", model.lower())
@@ -199,17 +200,18 @@ def event_cost(price: Price, billing_model: str, row: Mapping[str, Any]) -> floa
     """Reference 6.3: reasoning never priced; tier multiplier on the base band; long-context per request."""
     norm_input, output = _n(row, "norm_input_tokens"), _n(row, "output_tokens")
     compat, read, creation = _n(row, "compat_cached_tokens"), _n(row, "cache_read_tokens"), _n(row, "cache_creation_tokens")
-    rates = {"input": price.input, "output": price.output, "cache_read": price.cache_read,
-             "cache_write": price.cache_write}
+    prompt, out, cache_read, cache_write = price.input, price.output, price.cache_read, price.cache_write
     lc = price.long_context
     if lc and norm_input > lc.threshold_tokens:
-        rates.update(lc.rates)
+        rates = lc.rates  # a rate it names replaces the base one, even with null
+        prompt, out = rates.get("input", prompt), rates.get("output", out)
+        cache_read, cache_write = rates.get("cache_read", cache_read), rates.get("cache_write", cache_write)
         in_mult, out_mult = lc.input_multiplier, lc.output_multiplier
     else:
         in_mult = out_mult = tier_multiplier(billing_model, row.get("service_tier"))
-    prompt_rate, out_rate = float(rates["input"] or 0), float(rates["output"] or 0)
-    read_rate = rates["cache_read"] if rates["cache_read"] is not None else prompt_rate * 0.1
-    write_rate = rates["cache_write"] if rates["cache_write"] is not None else prompt_rate
+    prompt_rate, out_rate = float(prompt or 0), float(out or 0)
+    read_rate = cache_read if cache_read is not None else prompt_rate * 0.1
+    write_rate = cache_write if cache_write is not None else prompt_rate
     prompt_tokens = max(norm_input - (compat + read) - creation, 0)
     input_cost = prompt_tokens * prompt_rate + (compat + read) * read_rate + creation * write_rate
     return (input_cost * in_mult + output * out_rate * out_mult) / 1e6

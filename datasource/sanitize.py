@@ -112,8 +112,18 @@ def clean_text(value: str | None, limit: int) -> str | None:
     return _clean_text(value, limit)
 
 
+def clean_unique(value: str | None, limit: int) -> str | None:
+    """clean_text for values that never repeat (request ids): the cache would only churn."""
+    return _clean(value, limit) if value else None
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _clean_text(value: str, limit: int) -> str | None:
+def clean_label(value: str) -> str | None:
+    """clean_text(value, LABEL_MAX_BYTES) for a non-empty value, in one cached call."""
+    return _clean(value, LABEL_MAX_BYTES)
+
+
+def _clean(value: str, limit: int) -> str | None:
     if value.isprintable():  # fast path: the only blank rune is the ASCII space
         cleaned = " ".join(part for part in value.split(" ") if part)
     else:
@@ -121,6 +131,9 @@ def _clean_text(value: str, limit: int) -> str | None:
     if len(cleaned.encode("utf-8")) > limit:
         cleaned = truncate_bytes(cleaned, max(limit - 3, 0))
     return cleaned or None
+
+
+_clean_text = functools.lru_cache(maxsize=CACHE_SIZE)(_clean)
 
 
 def _clean_slow(value: str) -> str:

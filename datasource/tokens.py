@@ -6,6 +6,7 @@ Also the effective service tier, which follows the same provider/executor marker
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 from datasource.payload import as_int, as_text
@@ -91,9 +92,16 @@ def cache_input_mode(containers: list[Mapping[str, Any]], executor: str, provide
     """included_in_input or separate_from_input; the first matching rule of reference 3.7 decides.
     `containers` as `_containers` gives them (the event itself last)."""
     for container in containers[:-1]:
-        explicit = as_text(container.get("cache_input_mode")).strip().lower()
-        if explicit in (INCLUDED, SEPARATE):
+        explicit = container.get("cache_input_mode")
+        if explicit is not None and (explicit := as_text(explicit).strip().lower()) in (INCLUDED, SEPARATE):
             return explicit
+    return _marked_mode(executor, provider, models) or (
+        SEPARATE if cache_read > 0 or cache_creation > 0 else INCLUDED)
+
+
+@lru_cache(maxsize=1024)
+def _marked_mode(executor: str, provider: str, models: tuple[str, ...]) -> str | None:
+    """The mode the executor, provider or models name (reference 3.7's rules 2-4), else None."""
     executor = executor.lower()
     if "claude" in executor:
         return SEPARATE
@@ -105,7 +113,7 @@ def cache_input_mode(containers: list[Mapping[str, Any]], executor: str, provide
             return SEPARATE
         if _contains_any(text, included):
             return INCLUDED
-    return SEPARATE if cache_read > 0 or cache_creation > 0 else INCLUDED
+    return None
 
 
 def read_tokens(obj: Mapping[str, Any], executor: str, provider: str, models: tuple[str, ...]) -> TokenCounts:
@@ -130,16 +138,18 @@ def read_tokens(obj: Mapping[str, Any], executor: str, provider: str, models: tu
 def service_tiers(obj: Mapping[str, Any], markers: str) -> tuple[str | None, str | None, str | None]:
     """(effective, request, response) tiers. Codex reports `default` even in Fast mode,
     so for codex the request tier wins; otherwise the upstream's response tier does."""
-    def text(*keys: str) -> str:
-        for key in keys:
-            value = as_text(obj.get(key)).strip()
-            if value:
-                return value
-        return ""
-
-    request = text("request_service_tier", "requestServiceTier")
-    legacy = text("service_tier", "serviceTier")
-    response = text("response_service_tier", "responseServiceTier")
+    request = _tier_text(obj, "request_service_tier", "requestServiceTier")
+    legacy = _tier_text(obj, "service_tier", "serviceTier")
+    response = _tier_text(obj, "response_service_tier", "responseServiceTier")
     order = (request, legacy, response) if "codex" in markers.lower() else (response, legacy, request)
     effective = next((t for t in order if t), "")
     return effective or None, (request or legacy) or None, response or None
+
+
+def _tier_text(obj: Mapping[str, Any], key: str, alias: str) -> str:
+    """The first of the two keys with a non-blank value, as text; "" when neither has one."""
+    for name in (key, alias):
+        value = obj.get(name)
+        if value is not None and (value := as_text(value).strip()):
+            return value
+    return ""
