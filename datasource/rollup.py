@@ -193,15 +193,16 @@ SELECT_PRUNED_BEFORE = "SELECT max(ts_ms) FROM event_ledger WHERE ts_ms < ?"
 
 
 def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    failed = 1 if row.get("failed") else 0
-    latency = row.get("latency_ms") or 0
-    ttft = row.get("ttft_ms") or 0
+    get = row.get
+    failed = 1 if get("failed") else 0
+    latency = get("latency_ms") or 0
+    ttft = get("ttft_ms") or 0
     lat_ok = latency > 0
     ttft_ok = ttft > 0
-    return ((1, 1 - failed, failed, 1 if row.get("status_class") == "unusual" else 0)
-            + tuple(row.get(c) or 0 for c in TOKEN_COLUMNS)
-            + (_nano(row.get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
-               ttft if ttft_ok else 0, 1 if ttft_ok else 0))
+    return (1, 1 - failed, failed, 1 if get("status_class") == "unusual" else 0,
+            *[get(c) or 0 for c in TOKEN_COLUMNS],
+            _nano(get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
+            ttft if ttft_ok else 0, 1 if ttft_ok else 0)
 
 
 def _nano(usd: float | None) -> int:
