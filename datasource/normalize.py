@@ -259,13 +259,29 @@ def _caller_identity(api_key: str) -> tuple[str | None, str | None]:
     return sanitize.api_key_hash(api_key), sanitize.mask_api_key(api_key)
 
 
-def _models(obj: Mapping[str, Any]) -> dict[str, Any]:
+def _models(obj: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(display model, resolved model, the four model columns): the columns are cached per pair."""
     requested = text_of(obj, REQUESTED_MODEL_KEYS)
     resolved = text_of(obj, RESOLVED_MODEL_KEYS)
+    return requested or resolved or "-", resolved, _model_columns(requested, resolved)
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_columns(requested: str, resolved: str) -> dict[str, Any]:
+    """model, resolved_model, analytics_model and billing_model as stored (labels; "-" for none).
+    Callers copy it."""
     display = requested or resolved or "-"
     analytics = analytics_model(display)
-    return {"model": display, "resolved_model": resolved or None, "analytics_model": analytics,
-            "billing_model": resolved or analytics}
+    return {"model": _label(display) or "-", "resolved_model": _label(resolved),
+            "analytics_model": _label(analytics) or "-", "billing_model": _label(resolved or analytics) or "-"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _request_labels(provider: str, executor: str, endpoint: str, method: str,
+                    path: str) -> tuple[str | None, ...]:
+    """(provider or "unknown", payload provider, request type, endpoint, method, path) as stored."""
+    label = _label(provider)
+    return label or "unknown", label, _label(executor), _label(endpoint), _label(method), _label(path)
 
 
 def _hash_parts(obj: Mapping[str, Any], ts: str, endpoint: str, model: str, ident: Mapping[str, Any],
@@ -320,8 +336,8 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
     endpoint, method, path = endpoint_parts(obj)
     provider = text_of(obj, PROVIDER_KEYS).lower()
     executor = text_of(obj, ("executor_type", "executorType", "executor"))
-    models = _models(obj)
-    tokens = read_tokens(obj, executor, provider, (models["resolved_model"] or "", models["model"]))
+    display_model, resolved_model, models = _models(obj)
+    tokens = read_tokens(obj, executor, provider, (resolved_model, display_model))
     ident = _identity(obj)
     failed = _failed(obj)
     status, body = _fail_parts(obj)
@@ -329,13 +345,14 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
     markers = " ".join((executor, provider, text_of(obj, ("auth_type", "authType"))))
     tier, request_tier, response_tier = service_tiers(obj, markers)
     ttft = _optional_ms(obj, ("ttft_ms", "time_to_first_token_ms"))
-    digest = event_hash(_hash_parts(obj, ts, endpoint, models["model"], ident, tokens, failed))
+    digest = event_hash(_hash_parts(obj, ts, endpoint, display_model, ident, tokens, failed))
+    provider_label, payload_provider, request_type, endpoint_label, method_label, path_label = \
+        _request_labels(provider, executor, endpoint, method, path)
     row: dict[str, Any] = {
         "event_hash": digest, "instance": instance, "ts_ms": ts_ms, "ts": ts,
-        "request_id": sanitize.clean_unique(text_of(obj, REQUEST_ID_KEYS), _LABEL), "provider": _label(provider) or "unknown",
-        "payload_provider": _label(provider), "request_type": _label(executor), "endpoint": _label(endpoint),
-        "method": _label(method), "path": _label(path), **ident,
-        **{k: (_label(v) if isinstance(v, str) else v) for k, v in models.items()},
+        "request_id": sanitize.clean_unique(text_of(obj, REQUEST_ID_KEYS), _LABEL), "provider": provider_label,
+        "payload_provider": payload_provider, "request_type": request_type, "endpoint": endpoint_label,
+        "method": method_label, "path": path_label, **ident, **models,
         "reasoning_effort": _label(text_of(obj, ("reasoning_effort", "reasoningEffort"))),
         "service_tier": _label(tier), "request_service_tier": _label(request_tier),
         "response_service_tier": _label(response_tier), **tokens.columns(),
@@ -343,8 +360,6 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
         "streaming": int(bool(ttft) or "event-stream" in (meta.content_type or "").lower()),
         **_outcome(obj, failed, status, body, meta, provider), "created_ms": now_ms,
     }
-    for key in ("model", "analytics_model", "billing_model"):
-        row[key] = row[key] or "-"
     row["est_cost_usd"] = _price(pricer, row)
     return Normalized(row=row, private=_private(obj, failed, body), ledger_hash=bytes.fromhex(digest)[:16])
 
