@@ -231,9 +231,8 @@ def _summary_text(body: str, headers_raw: Any) -> str:
     return "\n".join(p for p in (body, header_json) if p)
 
 
-def _identity(obj: Mapping[str, Any]) -> dict[str, Any]:
-    ident = dict(_account_identity(text_of(obj, SOURCE_KEYS), text_of(obj, ("auth_index", "authIndex")),
-                                   text_of(obj, ("auth_type", "authType")), text_of(obj, PROJECT_KEYS)))
+def _identity(obj: Mapping[str, Any], auth_index: str, auth_type: str) -> dict[str, Any]:
+    ident = dict(_account_identity(text_of(obj, SOURCE_KEYS), auth_index, auth_type, text_of(obj, PROJECT_KEYS)))
     ident["api_key_hash"], ident["api_key_masked"] = _caller_identity(text_of(obj, API_KEY_KEYS))
     ident["user_agent"] = sanitize.clean_text(text_of(obj, ("user_agent", "userAgent")),
                                               sanitize.USER_AGENT_MAX_BYTES)
@@ -284,14 +283,12 @@ def _request_labels(provider: str, executor: str, endpoint: str, method: str,
     return label or "unknown", label, _label(executor), _label(endpoint), _label(method), _label(path)
 
 
-def _hash_parts(obj: Mapping[str, Any], ts: str, endpoint: str, model: str, ident: Mapping[str, Any],
-                tokens: TokenCounts, failed: bool) -> list[str]:
-    parts = [text_of(obj, REQUEST_ID_KEYS), ts, endpoint, model, text_of(obj, ("auth_index", "authIndex")),
-             ident["source_hash"] or "", str(tokens.input), str(tokens.output), str(tokens.reasoning),
-             str(tokens.cached), "true" if failed else "false"]
-    latency = first_present(obj, ("latency_ms", "duration_ms", "elapsed_ms"))
+def _hash_parts(request_id: str, ts: str, endpoint: str, model: str, auth_index: str, ident: Mapping[str, Any],
+                tokens: TokenCounts, failed: bool, latency: int | None) -> list[str]:
+    parts = [request_id, ts, endpoint, model, auth_index, ident["source_hash"] or "", str(tokens.input),
+             str(tokens.output), str(tokens.reasoning), str(tokens.cached), "true" if failed else "false"]
     if latency is not None:
-        parts.append(str(as_int(latency)))
+        parts.append(str(latency))
     return parts
 
 
@@ -338,25 +335,29 @@ def _event(obj: dict[str, Any], instance: str, pricer: Pricer | None, now_ms: in
     executor = text_of(obj, ("executor_type", "executorType", "executor"))
     display_model, resolved_model, models = _models(obj)
     tokens = read_tokens(obj, executor, provider, (resolved_model, display_model))
-    ident = _identity(obj)
+    auth_index, auth_type = text_of(obj, ("auth_index", "authIndex")), text_of(obj, ("auth_type", "authType"))
+    ident = _identity(obj, auth_index, auth_type)
     failed = _failed(obj)
     status, body = _fail_parts(obj)
     meta = parse_headers(_headers_raw(obj), ts_ms, sections=failed)  # full metadata is kept for failures only
-    markers = " ".join((executor, provider, text_of(obj, ("auth_type", "authType"))))
+    markers = " ".join((executor, provider, auth_type))
     tier, request_tier, response_tier = service_tiers(obj, markers)
     ttft = _optional_ms(obj, ("ttft_ms", "time_to_first_token_ms"))
-    digest = event_hash(_hash_parts(obj, ts, endpoint, display_model, ident, tokens, failed))
+    request_id = text_of(obj, REQUEST_ID_KEYS)
+    latency = _optional_ms(obj, ("latency_ms", "duration_ms", "elapsed_ms"))
+    digest = event_hash(_hash_parts(request_id, ts, endpoint, display_model, auth_index, ident, tokens, failed,
+                                    latency))
     provider_label, payload_provider, request_type, endpoint_label, method_label, path_label = \
         _request_labels(provider, executor, endpoint, method, path)
     row: dict[str, Any] = {
         "event_hash": digest, "instance": instance, "ts_ms": ts_ms, "ts": ts,
-        "request_id": sanitize.clean_unique(text_of(obj, REQUEST_ID_KEYS), _LABEL), "provider": provider_label,
+        "request_id": sanitize.clean_unique(request_id, _LABEL), "provider": provider_label,
         "payload_provider": payload_provider, "request_type": request_type, "endpoint": endpoint_label,
         "method": method_label, "path": path_label, **ident, **models,
         "reasoning_effort": _label(text_of(obj, ("reasoning_effort", "reasoningEffort"))),
         "service_tier": _label(tier), "request_service_tier": _label(request_tier),
         "response_service_tier": _label(response_tier), **tokens.columns(),
-        "latency_ms": _optional_ms(obj, ("latency_ms", "duration_ms", "elapsed_ms")), "ttft_ms": ttft,
+        "latency_ms": latency, "ttft_ms": ttft,
         "streaming": int(bool(ttft) or "event-stream" in (meta.content_type or "").lower()),
         **_outcome(obj, failed, status, body, meta, provider), "created_ms": now_ms,
     }

@@ -193,6 +193,8 @@ def tier_multiplier(model: str, tier: str | None) -> float:
 
 def _n(row: Mapping[str, Any], key: str) -> int:
     value = row.get(key)
+    if type(value) is int:  # what normalize stores
+        return value if value > 0 else 0
     return max(int(value), 0) if isinstance(value, (int, float)) and math.isfinite(value) else 0
 
 
