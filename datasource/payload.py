@@ -115,10 +115,14 @@ def render_ts(ms: int, nanos: str | None = None) -> str:
 
     `nanos` (9 digits) carries sub-millisecond precision; without it the fraction comes from `ms`.
     """
-    seconds = ms // 1000
     fraction = (nanos if nanos is not None else f"{ms % 1000:03d}000000").rstrip("0")
+    return second_text(ms // 1000) + (f".{fraction}Z" if fraction else "Z")
+
+
+def second_text(seconds: int) -> str:
+    """'YYYY-MM-DDTHH:MM:SS' of an epoch second (UTC)."""
     minute, second = divmod(seconds % 3600, 60)
-    return f"{_hour_text(seconds // 3600)}:{minute:02d}:{second:02d}" + (f".{fraction}" if fraction else "") + "Z"
+    return f"{_hour_text(seconds // 3600)}:{minute:02d}:{second:02d}"
 
 
 @lru_cache(maxsize=4096)

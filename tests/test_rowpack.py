@@ -7,10 +7,12 @@ import json
 import zlib
 
 import apsw
+from hypothesis import given, settings, strategies as st
 
 from datasource import rowpack, store
 from datasource.db import MIGRATIONS, SCHEMA_VERSION, connect, migrate, open_database
 from datasource.normalize import normalize
+from datasource.payload import render_ts
 
 TS_MS = 1_778_033_730_123  # 2026-05-06T02:15:30.123Z
 HASH = hashlib.sha256(b"event").hexdigest()
@@ -60,6 +62,35 @@ def test_ts_without_fraction_and_with_a_millisecond_fraction():
         assert rowpack.unpack(packed)["ts"] == ts
     # a ts that disagrees with ts_ms is kept verbatim
     assert rowpack.pack({"ts": "2026-05-06T02:30:12Z", "ts_ms": 1}) == {"ts": "2026-05-06T02:30:12Z", "ts_ms": 1}
+
+
+def _sub_by_rendering(ts: str, ts_ms: int) -> int | None:
+    """The first implementation of _sub_ms_nanos: render the whole text again and compare."""
+    if ts_ms < 0:
+        return None
+    dot = ts.rfind(".")
+    sub = 0
+    if dot > 0 and ts.endswith("Z"):
+        digits = ts[dot + 1:-1]
+        if digits.isdigit() and len(digits) <= 9:
+            sub = int(digits.ljust(9, "0")[3:])
+    return sub if rowpack._render(ts_ms, sub) == ts else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 253_402_300_799_999 - 1000), st.integers(0, 999_999),
+       st.sampled_from(["", "drop-z", "+00:00", "trailing-0", "short", "space", "digit", "ms+1", "s+1"]))
+def test_sub_ms_nanos_agrees_with_rendering_the_text_again(ts_ms: int, sub: int, change: str) -> None:
+    ts = render_ts(ts_ms, f"{ts_ms % 1000:03d}{sub:06d}")
+    ts = {"": ts, "drop-z": ts[:-1], "+00:00": ts[:-1] + "+00:00", "trailing-0": ts[:-1] + "0Z",
+          "short": ts[:18] + "Z", "space": ts.replace("T", " "), "digit": ts[:-1] + "\u0663Z"}.get(change, ts)
+    ms = ts_ms + {"ms+1": 1, "s+1": 1000}.get(change, 0)
+    found = rowpack._sub_ms_nanos(ts, ms)
+    if found is not None:
+        assert rowpack._render(ms, found) == ts
+    assert found == _sub_by_rendering(ts, ms)
+    if change == "":
+        assert found == sub
 
 
 def test_insert_stores_the_packed_row_and_export_gives_the_full_one(tmp_path):
