@@ -408,6 +408,19 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
                       for d in dims]
     groups_of: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
     out: dict[str, list[tuple[Any, ...]]] = {}
+    # A group with one part shares its parent's bins (a day of one hour, an hour of one 5-minute
+    # bucket): each bins object is encoded once. The blobs are handed to the merge function too.
+    blobs: dict[int, tuple[Mapping[int, int], bytes]] = {}
+    sketch.new_batch()
+
+    def encoded(bins: Mapping[int, int]) -> bytes:
+        seen = blobs.get(id(bins))
+        if seen is not None and seen[0] is bins:
+            return seen[1]
+        blob = sketch.encode_batch(bins)
+        blobs[id(bins)] = (bins, blob)
+        return blob
+
     for spec, parent, getter in derivation:
         grain = spec.grain_ms
         groups: dict[tuple[Any, ...], list[Any]] = {}
@@ -471,8 +484,7 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
                     if g[_LAT] is None:
                         g[_LAT] = _count_bins(buckets[n][0] for n in members)
                         g[_TTFT] = _count_bins(buckets[n][1] for n in members)
-                    param += (sketch.encode(g[_LAT]) if g[_LAT] else None,
-                              sketch.encode(g[_TTFT]) if g[_TTFT] else None)
+                    param += (encoded(g[_LAT]) if g[_LAT] else None, encoded(g[_TTFT]) if g[_TTFT] else None)
             if spec.sets and set_values is not None:
                 if g[_SETS] is None:
                     g[_SETS] = tuple({v for n in g[_MEMBERS] if (v := set_values[n][i]) is not None}

@@ -230,6 +230,24 @@ _recent: dict[bytes, dict[int, int]] = {}
 _RECENT_MAX = 4096
 
 
+# Bins of the blobs encoded for the batch being stored (`encode_batch`), keyed by the blob: the
+# merge function reads the new side's bins here instead of decoding the blob again. Content-keyed
+# like `_recent`; replaced by every batch (`new_batch`), so it holds one batch's blobs at most.
+_batch: dict[bytes, Mapping[int, int]] = {}
+
+
+def new_batch() -> None:
+    """Forget the previous batch's encoded blobs."""
+    _batch.clear()
+
+
+def encode_batch(bins: Mapping[int, int]) -> bytes:
+    """encode(bins), remembered for merge_bytes until the next batch. The bins must not change."""
+    blob = encode(bins)
+    _batch[blob] = bins
+    return blob
+
+
 def merge_bytes(a: bytes | None, b: bytes | None) -> bytes | None:
     """Merge two serialized sketches (either may be None); the SQL merge function."""
     if not a:
@@ -239,7 +257,8 @@ def merge_bytes(a: bytes | None, b: bytes | None) -> bytes | None:
     bins = _recent.pop(a, None)
     if bins is None:
         bins = decode(a)
-    for i, c in decode(b).items():
+    added = _batch.get(b)
+    for i, c in (decode(b) if added is None else added).items():
         bins[i] = bins.get(i, 0) + c
     merged = encode(bins)
     if len(_recent) >= _RECENT_MAX:

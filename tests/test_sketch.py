@@ -184,3 +184,19 @@ def test_merge_bytes_reuse_of_recent_results_is_never_stale() -> None:
     assert sketch.decode(left) == {1: 1, 2: 1, 3: 4}
     assert sketch.decode(right) == {1: 3, 2: 1}
     assert sketch.decode(sketch.merge_bytes(left, left)) == {1: 2, 2: 2, 3: 8}
+
+
+def test_merge_bytes_reads_a_batch_blob_from_its_bins_and_never_changes_them() -> None:
+    sketch.new_batch()
+    bins = {5: 2, 9: 130}
+    blob = sketch.encode_batch(bins)
+    assert blob == Sketch({5: 2, 9: 130}).to_bytes()
+    stored = Sketch({5: 1, 700: 3}).to_bytes()
+    merged = sketch.merge_bytes(stored, bytes(blob))  # SQLite hands back an equal, new bytes object
+    assert sketch.decode(merged) == {5: 3, 9: 130, 700: 3}
+    assert bins == {5: 2, 9: 130}  # the batch's bins are read, not merged into
+    again = sketch.merge_bytes(merged, blob)  # the stored side now comes from the recent results
+    assert sketch.decode(again) == {5: 5, 9: 260, 700: 3} and bins == {5: 2, 9: 130}
+    sketch.new_batch()  # the next batch forgets it; the blob is decoded as any other
+    assert sketch._batch == {}
+    assert sketch.decode(sketch.merge_bytes(stored, blob)) == {5: 3, 9: 130, 700: 3}
