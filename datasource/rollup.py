@@ -563,14 +563,20 @@ def _apply_range(conn: apsw.Connection, from_ms: int, to_ms: int, specs: Sequenc
         total += len(rows)
 
 
+# Per alias dim, its columns' values of a row, in C (ALIASES' None column reads as None).
+_ALIAS_GETTERS = {dim: itemgetter(*(c for c in cols if c)) for dim, cols in ALIASES.items()}
+
+
 def alias_params(rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str, str]]:
     """The distinct rollup_aliases tuples of some event rows (values as the events table stores them)."""
     out: set[tuple[str, str, str, str]] = set()
-    for row in rows:
-        for dim, (key, a1, a2) in ALIASES.items():
-            k = row.get(key)
-            v1 = row.get(a1)
-            v2 = row.get(a2) if a2 else None
+    for dim, (key, a1, a2) in ALIASES.items():
+        try:  # a batch repeats a few dozen values per dim: find them in C, convert each once
+            distinct: Iterable[tuple[Any, ...]] = set(map(_ALIAS_GETTERS[dim], rows))
+        except (KeyError, TypeError):  # a row without every column, or an unhashable value
+            distinct = [(row.get(key), row.get(a1)) + ((row.get(a2),) if a2 else ()) for row in rows]
+        for k, v1, *rest in distinct:
+            v2 = rest[0] if rest else None
             out.add((dim, _DIM_DEFAULTS[key] if k is None else str(k),
                      _ALIAS_DEFAULTS.get(a1, "") if v1 is None else str(v1),
                      _ALIAS_DEFAULTS.get(a2 or "", "") if v2 is None else str(v2)))

@@ -434,3 +434,16 @@ def test_backfill_and_rebuild_in_small_slices_equal_incremental(conn, monkeypatc
     remigrate_from(conn, 5)
     assert snapshot(conn) == incremental
     assert conn.execute("SELECT sum(requests) FROM rollup_api_key_sets_day").get == 600
+
+
+def test_alias_params_from_full_rows_partial_rows_and_odd_values() -> None:
+    full = {"provider": "openai", "payload_provider": None, "analytics_model": "gpt-5", "model": "gpt-5",
+            "resolved_model": None, "account_key": "a1", "account": "x***@y.z", "auth_index": "a1",
+            "api_key_hash": "h", "api_key_masked": "sk**"}
+    expected = {("provider", "openai", "", ""), ("model", "gpt-5", "gpt-5", ""),
+                ("account", "a1", "x***@y.z", "a1"), ("api_key", "h", "sk**", "")}
+    assert rollup.alias_params([full, dict(full)]) == expected  # repeats collapse
+    # a row without most columns takes the defaults; an unhashable value is stored as its text
+    odd = {"provider": ["weird"], "analytics_model": "m"}
+    assert rollup.alias_params([full, odd]) == expected | {
+        ("provider", "['weird']", "", ""), ("model", "m", "-", ""), ("account", "-", "", ""), ("api_key", "", "", "")}
