@@ -217,13 +217,23 @@ def _nano(usd: float | None) -> int:
     return int(scaled + (0.5 if scaled >= 0 else -0.5))
 
 
-def _dims(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, default in _DIM_DEFAULTS.items():
-        value = row.get(name)
-        out[name] = default if value is None else value
-    out["failed"] = 1 if out["failed"] else 0
-    return out
+_DIM_NAMES = tuple(_DIM_DEFAULTS)
+_DIM_POSITION = {name: i for i, name in enumerate(_DIM_NAMES)}
+_ROW_DIMS = itemgetter(*_DIM_NAMES)
+_FAILED = _DIM_POSITION["failed"]
+
+
+def _dims(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The row's dimension values in _DIM_NAMES order: None as the default, `failed` as 0 or 1."""
+    try:
+        values = _ROW_DIMS(row)  # in C: a stored or normalized row has every column
+    except KeyError:
+        values = tuple(row.get(name) for name in _DIM_NAMES)
+    failed = values[_FAILED]
+    if None in values or not (failed == 0 or failed == 1) or type(failed) is not int:
+        values = tuple(default if value is None else value for value, default in zip(values, _DIM_DEFAULTS.values()))
+        values = values[:_FAILED] + (1 if values[_FAILED] else 0,) + values[_FAILED + 1:]
+    return values
 
 
 def _sample_bucket(value: Any) -> int | None:
@@ -317,7 +327,8 @@ def _one_value_set(value: str | None) -> str:
 
 
 def _key_getter(dims: tuple[str, ...]) -> Any:
-    get = itemgetter(*dims)
+    """The key of `dims` from an event's _dims tuple, as a tuple."""
+    get = itemgetter(*(_DIM_POSITION[d] for d in dims))
     return get if len(dims) > 1 else (lambda d: (get(d),))
 
 
@@ -404,8 +415,8 @@ def upsert_params(rows: Sequence[Mapping[str, Any]],
         buckets = [(_sample_bucket(row.get("latency_ms")), _sample_bucket(row.get("ttft_ms"))) for row in rows]
     set_values: list[tuple[str | None, ...]] | None = None
     if any(spec.sets for spec in specs):
-        set_values = [tuple(None if d[col] == skip else d[col] for col, skip in SET_COLUMNS.values())
-                      for d in dims]
+        set_positions = [(_DIM_POSITION[col], skip) for col, skip in SET_COLUMNS.values()]
+        set_values = [tuple(None if d[i] == skip else d[i] for i, skip in set_positions) for d in dims]
     groups_of: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
     out: dict[str, list[tuple[Any, ...]]] = {}
     # A group with one part shares its parent's bins (a day of one hour, an hour of one 5-minute

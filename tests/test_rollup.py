@@ -447,3 +447,15 @@ def test_alias_params_from_full_rows_partial_rows_and_odd_values() -> None:
     odd = {"provider": ["weird"], "analytics_model": "m"}
     assert rollup.alias_params([full, odd]) == expected | {
         ("provider", "['weird']", "", ""), ("model", "m", "-", ""), ("account", "-", "", ""), ("api_key", "", "", "")}
+
+
+def test_dims_of_a_row_defaults_and_failed_as_0_or_1() -> None:
+    defaults = tuple(rollup._DIM_DEFAULTS.values())
+    assert rollup._dims({}) == defaults  # no column at all: every default
+    full = {name: None for name in rollup._DIM_NAMES}
+    assert rollup._dims(full) == defaults  # every column NULL: the same
+    failed_at = rollup._DIM_NAMES.index("failed")
+    for value, expected in ((True, 1), (2, 1), (0, 0), (False, 0), (1, 1)):
+        dims = rollup._dims(dict(full, failed=value, provider="openai"))
+        assert dims[failed_at] == expected and type(dims[failed_at]) is int
+        assert dims[rollup._DIM_NAMES.index("provider")] == "openai"
