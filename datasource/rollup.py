@@ -192,6 +192,9 @@ SELECT_PRUNED_BEFORE = "SELECT max(ts_ms) FROM event_ledger WHERE ts_ms < ?"
 # --- aggregation -------------------------------------------------------------------
 
 
+_ROW_TOKENS = itemgetter(*TOKEN_COLUMNS)
+
+
 def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
     get = row.get
     failed = 1 if get("failed") else 0
@@ -199,8 +202,13 @@ def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
     ttft = get("ttft_ms") or 0
     lat_ok = latency > 0
     ttft_ok = ttft > 0
-    return (1, 1 - failed, failed, 1 if get("status_class") == "unusual" else 0,
-            *[get(c) or 0 for c in TOKEN_COLUMNS],
+    try:
+        tokens = _ROW_TOKENS(row)  # in C: a stored or normalized row has every column
+    except KeyError:
+        tokens = tuple(get(c) for c in TOKEN_COLUMNS)
+    if None in tokens:  # NULL counts as 0
+        tokens = tuple(t or 0 for t in tokens)
+    return (1, 1 - failed, failed, 1 if get("status_class") == "unusual" else 0, *tokens,
             _nano(get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,
             ttft if ttft_ok else 0, 1 if ttft_ok else 0)
 

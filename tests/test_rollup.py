@@ -459,3 +459,12 @@ def test_dims_of_a_row_defaults_and_failed_as_0_or_1() -> None:
         dims = rollup._dims(dict(full, failed=value, provider="openai"))
         assert dims[failed_at] == expected and type(dims[failed_at]) is int
         assert dims[rollup._DIM_NAMES.index("provider")] == "openai"
+
+
+def test_measures_count_null_or_missing_tokens_as_zero() -> None:
+    row = {"failed": 1, "status_class": "unusual", "latency_ms": 250, "ttft_ms": None, "est_cost_usd": 0.0125,
+           "input_tokens": 100, "output_tokens": None}  # the other token columns are missing
+    tokens = (100,) + (0,) * (len(rollup.TOKEN_COLUMNS) - 1)
+    assert rollup._measures(row) == (1, 0, 1, 1) + tokens + (12_500_000, 250, 1, 0, 0)
+    full = dict(row, **{c: 7 for c in rollup.TOKEN_COLUMNS})
+    assert rollup._measures(full)[4:4 + len(rollup.TOKEN_COLUMNS)] == (7,) * len(rollup.TOKEN_COLUMNS)
