@@ -62,12 +62,16 @@ _IDENTITY_KEYS = frozenset({"source", "account", "email"})
 
 
 # Every pass needs one of these substrings; text without any of them is returned as is.
-_MAYBE_SECRET = re.compile(r"auth|bearer|token|key|sk-|sess-|ghp_|github_pat_|aiza|hf_|pk_|rk_|cookie|@", _I)
+_MARKERS = r"auth|bearer|token|key|sk-|sess-|ghp_|github_pat_|aiza|hf_|pk_|rk_|cookie|@"
+_MAYBE_SECRET = re.compile(_MARKERS, _I)
+# For ASCII text, lower-casing and a case-sensitive search find the same: 5-20x faster than
+# IGNORECASE (which also folds non-ASCII letters such as the Kelvin sign, so other text keeps it).
+_MAYBE_SECRET_LOWER = re.compile(_MARKERS)
 
 
 def redact_text(text: str) -> str:
     """Apply the eight redaction passes of reference 3.6 to free text."""
-    if not _MAYBE_SECRET.search(text):
+    if not (_MAYBE_SECRET_LOWER.search(text.lower()) if text.isascii() else _MAYBE_SECRET.search(text)):
         return text
     for pattern, replacement in _PASSES:
         text = pattern.sub(replacement, text)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
+
+from datasource import sanitize
 
 from datasource.sanitize import (api_key_hash, clean_text, fail_summary, mask_api_key, mask_source,
                                  redact_payload, redact_text)
@@ -118,3 +121,27 @@ def test_redact_payload_raw_json_rules() -> None:
     assert out["client_ip"] == "10.0.0.1" and out["user_agent"] == "ua x"
     assert out["response_headers"] == {"Set-Cookie": "[redacted]", "X-Request-Id": ["req_1"]}
     assert out["list"] == [{"access-token": "[redacted]"}]
+
+
+_MARKER_TEXT = st.text(alphabet=st.sampled_from(list("aAuUtThHkKeEyYsSbBrRoOcCiIzZpPgG_-@ =:\"'") +
+                                                ["\u212a", "\u017f", "\u0130", "\u00e9"]), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_MARKER_TEXT)
+def test_secret_prefilter_lets_through_all_that_ignorecase_finds(text: str) -> None:
+    old = bool(sanitize._MAYBE_SECRET.search(text))
+    new = bool(sanitize._MAYBE_SECRET_LOWER.search(text.lower())) if text.isascii() else old
+    assert new == old
+    # the whole redaction is what the IGNORECASE pre-check gave
+    expected = text
+    if old:
+        for pattern, replacement in sanitize._PASSES:
+            expected = pattern.sub(replacement, expected)
+    assert sanitize.redact_text(text) == expected
+
+
+def test_secret_prefilter_on_mixed_case_ascii() -> None:
+    assert sanitize.redact_text("AUTHORIZATION: Bearer abcdefgh12345678") == "AUTHORIZATION: Bearer [redacted]"
+    assert sanitize.redact_text("Api-Key=SeCrEt99") == "Api-Key=[redacted]"
+    assert sanitize.redact_text("plain text, nothing here") == "plain text, nothing here"
