@@ -95,6 +95,11 @@ def header_values(raw: object) -> dict[str, str]:
     if not isinstance(raw, (dict, Mapping)):  # dict first: a Mapping check alone is slow
         return out
     for name, value in raw.items():
+        if type(value) is list and len(value) == 1 and type(value[0]) is str:  # CPA's usual shape
+            key, text = _header_item(name, value[0])
+            if key and text and key not in out:
+                out[key] = text
+            continue
         key = _kept_name(name)
         if not key or key in out:
             continue
@@ -106,6 +111,13 @@ def header_values(raw: object) -> dict[str, str]:
                     out[key] = text
                     break
     return out
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _header_item(name: object, value: str) -> tuple[str, str | None]:
+    """(_kept_name(name), the cleaned value) of a header with one string value, in one cached call."""
+    key = _kept_name(name)
+    return key, (_clean_value(value) if key else None)
 
 
 @lru_cache(maxsize=1024)
