@@ -206,7 +206,7 @@ def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
         tokens = _ROW_TOKENS(row)  # in C: a stored or normalized row has every column
     except KeyError:
         tokens = tuple(get(c) for c in TOKEN_COLUMNS)
-    if None in tokens:  # NULL counts as 0
+    if None in tokens or "" in tokens:  # NULL (or an empty text) counts as 0
         tokens = tuple(t or 0 for t in tokens)
     return (1, 1 - failed, failed, 1 if get("status_class") == "unusual" else 0, *tokens,
             _nano(get("est_cost_usd")), latency if lat_ok else 0, 1 if lat_ok else 0,

@@ -45,8 +45,8 @@ def _sub_ms_nanos(ts: str, ts_ms: int) -> int | None:
 
     render_ts writes 'YYYY-MM-DDTHH:MM:SS', then '.' and the nine digits of the millisecond and
     the nanoseconds below it without trailing zeros (none at all when they are all zero), then
-    'Z'. Each part is checked against `ts_ms` where it stands, which costs a third of rendering
-    the whole text again and comparing (tests/test_rowpack.py checks the two agree).
+    'Z'. Each part is checked against `ts_ms` where it stands, which is cheaper than rendering the
+    whole text again and comparing (tests/test_rowpack.py checks the two agree).
     """
     if ts_ms < 0 or len(ts) < 20 or ts[-1] != "Z":
         return None

@@ -466,5 +466,6 @@ def test_measures_count_null_or_missing_tokens_as_zero() -> None:
            "input_tokens": 100, "output_tokens": None}  # the other token columns are missing
     tokens = (100,) + (0,) * (len(rollup.TOKEN_COLUMNS) - 1)
     assert rollup._measures(row) == (1, 0, 1, 1) + tokens + (12_500_000, 250, 1, 0, 0)
+    assert rollup._measures(dict(row, output_tokens=""))[4:6] == (100, 0)  # an empty text too
     full = dict(row, **{c: 7 for c in rollup.TOKEN_COLUMNS})
     assert rollup._measures(full)[4:4 + len(rollup.TOKEN_COLUMNS)] == (7,) * len(rollup.TOKEN_COLUMNS)
