@@ -144,3 +144,14 @@ def test_memo_drops_expired_entries_when_it_stores(monkeypatch):
     assert len(query_plan._memo) == 2
     assert query_plan._memo_get(conn, ("a",)) is None
     assert [query_plan._memo_get(conn, (k,)) for k in "bc"] == ["B", "C"]
+
+
+def test_an_answer_built_on_a_miss_owns_its_bins(loaded):
+    reader = Reader(loaded, ())
+    first = reader._distribution("latency_ms", D1, D1 + 2 * DAY, GROUP)  # a miss: merged from the blobs
+    want = {key: dict(s.bins) for key, s in first.sketches.items()}
+    first.sketches[("default", "acct-a")].bins.clear()  # the caller changes what it was given
+    again, reads = _blob_reads(loaded, lambda: reader._distribution("latency_ms", D1, D1 + 2 * DAY, GROUP))
+    assert reads == []  # a hit, and the cache kept the merged bins as they were
+    assert {key: s.bins for key, s in again.sketches.items()} == want
+    assert again.sketches[("default", "acct-a")].count == 3
