@@ -37,6 +37,7 @@ STAGES = ("normalize", "pickle", "pack", "insert")
 START_MS = 1_777_593_600_000
 SPAN_MS = 518_400 * 4  # 8,000 events at the 10 M dataset's density (2,000 in ~8.6 minutes)
 MAX_REPS = 3
+_HERE = Path(__file__).resolve().parent
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
@@ -109,9 +110,6 @@ def count(stage: str, reps: int, tree: Path) -> int:
 
 def per_event(stage: str, tree: Path) -> int:
     return (count(stage, 3, tree) - count(stage, 1, tree)) // 2 // N
-
-
-_HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:

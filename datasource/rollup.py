@@ -195,6 +195,15 @@ SELECT_PRUNED_BEFORE = "SELECT max(ts_ms) FROM event_ledger WHERE ts_ms < ?"
 _ROW_TOKENS = itemgetter(*TOKEN_COLUMNS)
 
 
+def _row_values(row: Mapping[str, Any], getter: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """`names`' values of a row: by `getter` (an itemgetter of them, in C) when the row has every
+    column, as a stored or normalized row does; else one get per name, None where it is missing."""
+    try:
+        return getter(row)
+    except KeyError:
+        return tuple(row.get(name) for name in names)
+
+
 def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
     get = row.get
     failed = 1 if get("failed") else 0
@@ -202,10 +211,7 @@ def _measures(row: Mapping[str, Any]) -> tuple[Any, ...]:
     ttft = get("ttft_ms") or 0
     lat_ok = latency > 0
     ttft_ok = ttft > 0
-    try:
-        tokens = _ROW_TOKENS(row)  # in C: a stored or normalized row has every column
-    except KeyError:
-        tokens = tuple(get(c) for c in TOKEN_COLUMNS)
+    tokens = _row_values(row, _ROW_TOKENS, TOKEN_COLUMNS)
     if None in tokens or "" in tokens:  # NULL (or an empty text) counts as 0
         tokens = tuple(t or 0 for t in tokens)
     return (1, 1 - failed, failed, 1 if get("status_class") == "unusual" else 0, *tokens,
@@ -233,12 +239,9 @@ _FAILED = _DIM_POSITION["failed"]
 
 def _dims(row: Mapping[str, Any]) -> tuple[Any, ...]:
     """The row's dimension values in _DIM_NAMES order: None as the default, `failed` as 0 or 1."""
-    try:
-        values = _ROW_DIMS(row)  # in C: a stored or normalized row has every column
-    except KeyError:
-        values = tuple(row.get(name) for name in _DIM_NAMES)
+    values = _row_values(row, _ROW_DIMS, _DIM_NAMES)
     failed = values[_FAILED]
-    if None in values or not (failed == 0 or failed == 1) or type(failed) is not int:
+    if None in values or type(failed) is not int or failed not in (0, 1):
         values = tuple(default if value is None else value for value, default in zip(values, _DIM_DEFAULTS.values()))
         values = values[:_FAILED] + (1 if values[_FAILED] else 0,) + values[_FAILED + 1:]
     return values
