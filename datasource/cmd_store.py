@@ -66,6 +66,7 @@ def ingest_stream(
 ) -> InsertResult:
     """Store everything in `stream`, one transaction per `batch_size` items; counts only (no ids)."""
     total = InsertResult()
+    store.raise_gc_threshold()
     items = decode_items(stream, instance=instance, pricer=pricer, now_ms=now_ms)
     while batch := list(islice(items, max(batch_size, 1))):
         result = store.insert_batch(conn, batch, origin=origin, instance=instance, now_ms=now_ms)

@@ -42,13 +42,29 @@ _WRITING_HOOKS = ("connection_wal", "connection_optimize")
 
 
 def setup_sqlite() -> None:
-    """Apply APSW's recommended best practice once per process, minus the hooks that write."""
+    """Once per process: SQLite's memory statistics off, then APSW's recommended best practice
+    minus the hooks that write."""
     global _setup_done
     with _setup_lock:
         if not _setup_done:
+            _memory_statistics_off()
             apsw.bestpractice.apply(tuple(hook for hook in apsw.bestpractice.recommended
                                           if hook.__name__ not in _WRITING_HOOKS))
             _setup_done = True
+
+
+def _memory_statistics_off() -> bool:
+    """SQLITE_CONFIG_MEMSTATUS off: with it on (SQLite's default) every allocation SQLite makes takes
+    a process-wide mutex to keep `apsw.memory_used()` and the like, which nothing here reads; off,
+    the collector's insert_batch runs 1.7 % fewer instructions (docs/performance.md). SQLite takes
+    the setting only while shut down, which needs every connection closed: a process that opened
+    one before its first connect() keeps the default. Returns whether the setting was applied."""
+    if apsw.connections():
+        return False
+    apsw.shutdown()
+    apsw.config(apsw.SQLITE_CONFIG_MEMSTATUS, 0)
+    apsw.initialize()
+    return True
 
 
 WRITER_CACHE_KIB = 32 * 1024

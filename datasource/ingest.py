@@ -28,6 +28,7 @@ class Ingestor:
         self.directory = directory
         self._now = now
         self.normalizer = NormalizePool(normalize_workers, instance)
+        store.raise_gc_threshold()
         self.refreshes = 0
         self.controls = 0
 

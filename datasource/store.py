@@ -8,6 +8,7 @@ key the table does not know is dropped with a warning instead of reaching SQL.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -68,6 +69,24 @@ def table_columns(conn: apsw.Connection, table: str) -> frozenset[str]:
     if table not in _TABLES:
         raise ValueError(f"not a store table: {table}")
     return frozenset(row[0] for row in conn.execute(SELECT_TABLE_COLUMNS, (table,)))
+
+
+# CPython's garbage collector runs a young collection every 700 net container allocations (its
+# default threshold). An insert batch keeps its rows, value tuples and rollup groups (tens of
+# thousands of containers) alive until it commits, so young collections traverse them again and
+# again and promote them to be traversed once more: with the garbage collector off, insert_batch
+# into the 10 M file ran 15,500 fewer instructions per event (3.4 %); at 50,000, 12,000 fewer.
+WRITER_GC_THRESHOLD = (50_000, 20, 10)
+
+
+def raise_gc_threshold() -> bool:
+    """Give a process that writes batches WRITER_GC_THRESHOLD; a higher threshold, or a garbage
+    collector switched off, is left as it is. Returns whether the threshold changed."""
+    young = gc.get_threshold()[0]
+    if young == 0 or young >= WRITER_GC_THRESHOLD[0]:
+        return False
+    gc.set_threshold(*WRITER_GC_THRESHOLD)
+    return True
 
 
 def insert_batch(

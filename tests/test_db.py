@@ -226,3 +226,39 @@ def test_a_reader_reopens_once_the_collector_marked_new_statistics(db_path, monk
     fresh = connect(db_path, readonly=True)
     assert second.execute(q, ("x", 0)).fetchall() == fresh.execute(q, ("x", 0)).fetchall() != before
     assert readers.get() is second  # unchanged since: the same connection
+
+
+# --- process set-up: SQLite's memory statistics -------------------------------------------
+
+_MEMSTATUS_PROBE = """
+import sys, apsw
+if sys.argv[2] == "open-first":
+    early = apsw.Connection(":memory:")  # a connection opened before datasource's first connect()
+from datasource.db import connect
+conn = connect(sys.argv[1])
+conn.execute("CREATE TABLE t(x); INSERT INTO t VALUES (randomblob(100000))")
+print(apsw.memory_used(), apsw.status(apsw.SQLITE_STATUS_MEMORY_USED)[0])
+"""
+
+
+def _memory_used(path: str, mode: str) -> tuple[int, int]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _MEMSTATUS_PROBE, path, mode], capture_output=True, text=True,
+                         check=True, timeout=60)
+    used, status = out.stdout.split()
+    return int(used), int(status)
+
+
+def test_the_first_connect_turns_sqlite_memory_statistics_off(tmp_path):
+    """With SQLITE_CONFIG_MEMSTATUS off SQLite keeps no allocation totals (and takes no global mutex
+    for them): both of the counters it would keep read 0 after a 100,000-byte blob went through."""
+    assert _memory_used(str(tmp_path / "off.db"), "connect-first") == (0, 0)
+
+
+def test_a_connection_opened_earlier_keeps_sqlite_default_statistics(tmp_path):
+    """SQLite takes the setting only while shut down, which needs every connection closed: a process
+    that opened one itself first is left with the default, and its counters count (a blob of
+    100,000 bytes went through, so more than that was allocated)."""
+    used, status = _memory_used(str(tmp_path / "on.db"), "open-first")
+    assert used > 100_000 and status > 100_000

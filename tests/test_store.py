@@ -316,3 +316,47 @@ def test_step_11_keys_the_request_and_trace_id_indexes_by_hour(tmp_path):
     assert old.execute("SELECT ts_ms / 3600000, trace_id FROM events INDEXED BY events_trace_hour "
                        "WHERE trace_id IS NOT NULL ORDER BY 1, 2").fetchall() == [(5, "t1"), (6, "t3")]
     old.close()
+
+
+# --- the garbage collector threshold of a writing process ---------------------------------
+
+@pytest.fixture
+def gc_threshold():
+    import gc
+    saved = gc.get_threshold()
+    yield gc
+    gc.set_threshold(*saved)
+
+
+def test_raise_gc_threshold_raises_a_default_young_threshold(gc_threshold):
+    gc_threshold.set_threshold(700, 10, 10)  # CPython's default
+    assert store.raise_gc_threshold() is True
+    assert gc_threshold.get_threshold() == (50_000, 20, 10) == store.WRITER_GC_THRESHOLD
+    assert store.raise_gc_threshold() is False  # already there
+    assert gc_threshold.get_threshold() == (50_000, 20, 10)
+
+
+@pytest.mark.parametrize("threshold", [(100_000, 5, 5), (0, 10, 10)])
+def test_raise_gc_threshold_leaves_a_higher_or_disabled_threshold(gc_threshold, threshold):
+    """An operator's higher threshold stays, and a young threshold of 0 (collection off) is not
+    switched back on."""
+    gc_threshold.set_threshold(*threshold)
+    assert store.raise_gc_threshold() is False
+    assert gc_threshold.get_threshold() == threshold
+
+
+def test_the_collector_ingestor_and_the_ingest_command_raise_the_threshold(gc_threshold, db_path):
+    import io
+    from datasource.cmd_store import ingest_stream
+    from datasource.ingest import Ingestor
+
+    conn = open_database(db_path)
+    try:
+        gc_threshold.set_threshold(700, 10, 10)
+        Ingestor(conn, "default").close()
+        assert gc_threshold.get_threshold() == (50_000, 20, 10)
+        gc_threshold.set_threshold(700, 10, 10)
+        result = ingest_stream(conn, io.BytesIO(b""), origin="test")
+        assert (result.inserted, gc_threshold.get_threshold()) == (0, (50_000, 20, 10))
+    finally:
+        conn.close()
