@@ -12,6 +12,8 @@
    batches of --batch until every event is stored. Events/s = N / (last insert - start);
    sustained = events stored after the first commit seen / time from then to the last insert
    (leaves out the start: lock, connect, spawning normalize workers, the first group).
+   Each run also prints the machine gauge (a fixed 5 M-iteration Python loop, timed before and
+   after it): this VM's speed moved by 2x between hours, and the rates with it.
    With --into FILE the collector stores into FILE, a copy of a dataset, instead of a fresh
    file. The payloads are live traffic of the same deployment: the dataset's seed (its accounts,
    API keys and models) over the span that follows the file's newest event, each run after the
@@ -157,6 +159,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
+    gauge_before = machine_gauge()[0]
     children_cpu = _children_cpu()
     server, port, client = start_queue(workdir)
     service = None
@@ -203,6 +206,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
     workers_cpu = max(_children_cpu() - children_cpu - server_cpu, 0.0)
     server_cpu -= fill_cpu
     others = workers_cpu + server_cpu
+    gauge_after = machine_gauge()[0]
     sustained = 0.0
     if first is not None and stored > first[1] and start + wall > first[0]:
         sustained = (stored - first[1]) / (start + wall - first[0])
@@ -215,8 +219,25 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
           f"workers {workers_cpu / max(stored, 1) * 1e6:.0f}, redis-server's pops "
           f"{server_cpu / max(stored, 1) * 1e6:.0f}; in all {(cpu + others) / max(stored, 1) * 1e6:.0f} us/event "
           f"= {stored / (cpu + others) * (os.cpu_count() or 1) if cpu + others else 0:,.0f} events/s "
-          f"on all {os.cpu_count()} cores")
+          f"on all {os.cpu_count()} cores; machine gauge {gauge_before:.2f} s before, {gauge_after:.2f} after")
     return stored / wall, sustained
+
+
+GAUGE_ITERATIONS = 5_000_000
+
+
+def machine_gauge(iterations: int = GAUGE_ITERATIONS) -> tuple[float, int]:
+    """(seconds, checksum) of a fixed pure-Python loop: how fast this machine runs Python now.
+
+    On a shared VM the same loop took 0.45 s in one hour and 1.14 s in another, and the ingest
+    rates moved with it; each collector run prints the gauge before and after it, so a figure
+    can be read against the machine's speed at the time. The checksum (sum of i*i mod 7) proves
+    the loop ran."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return time.perf_counter() - start, total
 
 
 def main(argv: list[str] | None = None) -> int:

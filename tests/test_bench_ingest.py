@@ -53,7 +53,8 @@ def test_into_stores_the_datasets_own_traffic_after_its_newest_event(dataset, tm
     # the same deployment: every account and API key it stores was already in the dataset
     assert {a for _, _, a, _ in after[len(before):]} <= {a for _, _, a, _ in before}
     assert {k for _, _, _, k in after[len(before):]} <= {k for _, _, _, k in before}
-    assert "queue left 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("queue left 0") == 2 and out.count("; machine gauge ") == 2
 
 
 def test_interleave_lays_another_deployment_over_the_last_hours(dataset, tmp_path) -> None:
@@ -72,3 +73,10 @@ def test_interleave_needs_into() -> None:
     with pytest.raises(SystemExit) as stop:
         bench_ingest.main(["--events", "10", "--interleave"])
     assert stop.value.code == 2
+
+
+def test_machine_gauge_runs_its_loop() -> None:
+    """i*i mod 7 for i = 0..9 is 0, 1, 4, 2, 2, 4, 1, 0, 1, 4: the loop ran all ten iterations."""
+    seconds, checksum = bench_ingest.machine_gauge(10)
+    assert checksum == 19 and seconds >= 0
+    assert bench_ingest.machine_gauge(0)[1] == 0
