@@ -11,9 +11,13 @@
    usage N), the queue pre-filled with N payloads, then CollectorService in `resp` mode pops
    batches of --batch until every event is stored. Events/s = N / (last insert - start);
    sustained = events stored after the first commit seen / time from then to the last insert
-   (leaves out the start: lock, connect, spawning normalize workers, the first group).
-   Each run also prints the machine gauge (a fixed 5 M-iteration Python loop, timed before and
-   after it): this VM's speed moved by 2x between hours, and the rates with it.
+   (leaves out the start: lock, connect, spawning normalize workers, the first group); second
+   half = the events stored after the first poll that saw half of them / time from then to the
+   last insert (leaves out the warm-up as well).
+   Each run also prints two gauges of the machine's speed, timed before and after it: a fixed
+   5 M-iteration Python loop, and the normalize gauge (us/event to normalize 2,000 fixed
+   payloads in this process, best of 3). This VM's speed moved by 2x between hours, and the rates
+   with it; the loop missed some of the slow spells the normalize gauge shows.
    With --into FILE the collector stores into FILE, a copy of a dataset, instead of a fresh
    file. The payloads are live traffic of the same deployment: the dataset's seed (its accounts,
    API keys and models) over the span that follows the file's newest event, each run after the
@@ -153,13 +157,13 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
 
 
 def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0,
-                    commit_max: int = 4000, run: int = 0, into: str | None = None) -> tuple[float, float]:
+                    commit_max: int = 4000, run: int = 0, into: str | None = None) -> tuple[float, float, float]:
     """One collector run on a fresh file (or into `into`); returns (events/s from the start,
-    sustained events/s)."""
+    sustained events/s, events/s over the second half)."""
     from datasource.collector import CollectorService
     from datasource.config import Settings
 
-    gauge_before = machine_gauge()[0]
+    gauge_before, normalize_before = machine_gauge()[0], normalize_gauge()
     children_cpu = _children_cpu()
     server, port, client = start_queue(workdir)
     service = None
@@ -185,10 +189,13 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         deadline = start + timeout_s
         stored = 0
         first: tuple[float, int] | None = None  # (time, count) of the first poll that saw a commit
+        half: tuple[float, int] | None = None  # ... that saw half of the events stored
         while time.perf_counter() < deadline:
             stored = poll() - base
             if stored and first is None:
                 first = (time.perf_counter(), stored)
+            if half is None and 2 * stored >= len(raws):
+                half = (time.perf_counter(), stored)
             if stored >= len(raws):
                 break
             time.sleep(0.05)
@@ -206,21 +213,29 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
     workers_cpu = max(_children_cpu() - children_cpu - server_cpu, 0.0)
     server_cpu -= fill_cpu
     others = workers_cpu + server_cpu
-    gauge_after = machine_gauge()[0]
-    sustained = 0.0
-    if first is not None and stored > first[1] and start + wall > first[0]:
-        sustained = (stored - first[1]) / (start + wall - first[0])
+    gauge_after, normalize_after = machine_gauge()[0], normalize_gauge()
+    sustained = _rate_since(first, stored, start + wall)
+    second_half = _rate_since(half, stored, start + wall)
     print(f"collector (RESP pops of {batch} from redis-server, transactions of up to {commit_max}, "
           f"{workers} normalize workers{f', into {into} after {base:,} events' if into else ''}): "
           f"{stored} events in {wall:.2f} s "
           f"= {stored / wall:,.0f} events/s; queue left {len(raws) - stored}; "
           f"sustained (first commit seen to last) {sustained:,.0f} events/s; "
+          f"second half {second_half:,.0f} events/s; "
           f"CPU {cpu / max(stored, 1) * 1e6:.0f} us/event = {stored / cpu if cpu else 0:,.0f} events/s per busy core; "
           f"workers {workers_cpu / max(stored, 1) * 1e6:.0f}, redis-server's pops "
           f"{server_cpu / max(stored, 1) * 1e6:.0f}; in all {(cpu + others) / max(stored, 1) * 1e6:.0f} us/event "
           f"= {stored / (cpu + others) * (os.cpu_count() or 1) if cpu + others else 0:,.0f} events/s "
-          f"on all {os.cpu_count()} cores; machine gauge {gauge_before:.2f} s before, {gauge_after:.2f} after")
-    return stored / wall, sustained
+          f"on all {os.cpu_count()} cores; machine gauge {gauge_before:.2f} s before, {gauge_after:.2f} after; "
+          f"normalize gauge {normalize_before:.1f} us/event before, {normalize_after:.1f} after")
+    return stored / wall, sustained, second_half
+
+
+def _rate_since(mark: tuple[float, int] | None, stored: int, end: float) -> float:
+    """Events/s stored after `mark` (time, count seen then) up to `end`; 0 when there is no span."""
+    if mark is None or stored <= mark[1] or end <= mark[0]:
+        return 0.0
+    return (stored - mark[1]) / (end - mark[0])
 
 
 GAUGE_ITERATIONS = 5_000_000
@@ -238,6 +253,29 @@ def machine_gauge(iterations: int = GAUGE_ITERATIONS) -> tuple[float, int]:
     for i in range(iterations):
         total += i * i % 7
     return time.perf_counter() - start, total
+
+
+GAUGE_PAYLOADS = 2_000
+_gauge_payloads: list[bytes] = []
+
+
+def normalize_gauge(count: int = GAUGE_PAYLOADS, repeat: int = 3) -> float:
+    """Microseconds per event to normalize `count` fixed benchmark payloads (seed 11, an hour
+    before the datasets' end) in this process, best of `repeat` passes: the machine's speed at
+    the collector's own kind of work (JSON, dicts, strings), which a loop of integer arithmetic
+    does not always follow. The later passes find normalize's caches warm, so the best pass is
+    the same work every time."""
+    from datasource.normalize import normalize
+
+    if len(_gauge_payloads) != count:
+        _gauge_payloads[:] = payloads(count, DEFAULT_END_MS - 3_600_000, DEFAULT_END_MS, seed=11)
+    best = float("inf")
+    for _ in range(max(repeat, 1)):
+        start = time.perf_counter()
+        for raw in _gauge_payloads:
+            normalize(raw)
+        best = min(best, time.perf_counter() - start)
+    return best / max(count, 1) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cli:
             bench_cli(jsonl, workdir, args.events, args.commit_max)
         if not args.skip_collector:
-            runs: dict[int, list[tuple[float, float]]] = {int(w): [] for w in args.workers.split(",")}
+            runs: dict[int, list[tuple[float, float, float]]] = {int(w): [] for w in args.workers.split(",")}
             seed = first_seed
             for run in range(max(args.repeat, 1)):
                 for workers, got in runs.items():
@@ -298,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                         seed += 1
             if args.repeat > 1:
                 for workers, got in runs.items():
-                    starts, sustained = sorted(g[0] for g in got), sorted(g[1] for g in got)
+                    starts, sustained, halves = (sorted(g[i] for g in got) for i in range(3))
                     print(f"collector, {workers} normalize workers, {len(got)} runs: from the start median "
                           f"{statistics.median(starts):,.0f} ({starts[0]:,.0f}-{starts[-1]:,.0f}) events/s; "
                           f"sustained median {statistics.median(sustained):,.0f} "
-                          f"({sustained[0]:,.0f}-{sustained[-1]:,.0f})")
+                          f"({sustained[0]:,.0f}-{sustained[-1]:,.0f}); second half median "
+                          f"{statistics.median(halves):,.0f} ({halves[0]:,.0f}-{halves[-1]:,.0f})")
         if args.stages:
             print(load(os.path.join(workdir, "stages.db"), raws, batch=args.commit_max).report("in-process stages"))
     return 0

@@ -55,6 +55,9 @@ def test_into_stores_the_datasets_own_traffic_after_its_newest_event(dataset, tm
     assert {k for _, _, _, k in after[len(before):]} <= {k for _, _, _, k in before}
     out = capsys.readouterr().out
     assert out.count("queue left 0") == 2 and out.count("; machine gauge ") == 2
+    assert out.count("; normalize gauge ") == 2
+    assert out.count("; second half ") - out.count("; second half median ") == 2
+    assert out.count("; second half median ") == 1
 
 
 def test_interleave_lays_another_deployment_over_the_last_hours(dataset, tmp_path) -> None:
@@ -80,3 +83,21 @@ def test_machine_gauge_runs_its_loop() -> None:
     seconds, checksum = bench_ingest.machine_gauge(10)
     assert checksum == 19 and seconds >= 0
     assert bench_ingest.machine_gauge(0)[1] == 0
+
+
+def test_rate_since_counts_the_events_after_the_mark() -> None:
+    """600 seen at t=2.0 s, 1,000 stored by t=2.5 s: 400 events in 0.5 s = 800/s."""
+    assert bench_ingest._rate_since((2.0, 600), 1000, 2.5) == 800.0
+    assert bench_ingest._rate_since(None, 1000, 2.5) == 0.0  # never reached the mark
+    assert bench_ingest._rate_since((2.0, 1000), 1000, 2.5) == 0.0  # nothing stored after it
+    assert bench_ingest._rate_since((2.5, 600), 1000, 2.5) == 0.0  # no time after it
+
+
+def test_normalize_gauge_times_payloads_that_normalize() -> None:
+    """The gauge's payloads are five real events (none rejected), so it times normalize's real work."""
+    from datasource.model import Normalized
+    from datasource.normalize import normalize
+
+    assert bench_ingest.normalize_gauge(5, repeat=2) > 0
+    assert len(bench_ingest._gauge_payloads) == 5
+    assert all(type(normalize(raw)) is Normalized for raw in bench_ingest._gauge_payloads)
