@@ -150,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alone", action="store_true", help="also time each panel alone (median of --runs)")
     parser.add_argument("--ranges", default=",".join(RANGES), help="comma-separated subset of " + ",".join(RANGES))
     args = parser.parse_args(argv)
+    unknown = [label for label in args.ranges.split(",") if label not in RANGES]
+    if unknown:
+        parser.error(f"--ranges: unknown {', '.join(unknown)} (choose from {', '.join(RANGES)})")
     ranges = {label: RANGES[label] for label in args.ranges.split(",")}
+    dashboards = sorted(glob.glob(args.dashboards))
+    if not dashboards:
+        parser.error(f"--dashboards: no file matches {args.dashboards}")
     last, account, model, trace = busiest(args.db)
     port = free_port()
     server = start_server(args.db, port)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dataset {args.db}: filter account={account} model={model}, trace id {trace}; "
                   f"{args.runs} runs per case")
             print(f"{'dashboard':<28}{'range':>6} {'filter':<9}{'median ms':>10}{'p95 ms':>9}  slowest panel")
-            for path in sorted(glob.glob(args.dashboards)):
+            for path in dashboards:
                 dash = json.loads(Path(path).read_text())
                 for label, span in ranges.items():
                     for filt, values in filter_states(dash, account, model, trace):
