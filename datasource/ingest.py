@@ -15,25 +15,39 @@ from datasource import store, store_status
 from datasource.store import Connection
 from datasource.accounts import AccountDirectory, parse_credential_error
 from datasource.model import Control, InsertResult, Normalized, Rejected
-from datasource.parallel import NormalizePool, Pending
+from datasource.parallel import AUTO_IDLE_S, NormalizePool, Pending, worker_plan
 
 logger = logging.getLogger(__name__)
 
 
 class Ingestor:
     def __init__(self, conn: Connection, instance: str, directory: AccountDirectory | None = None,
-                 *, now: Callable[[], float] = time.time, normalize_workers: int = 0) -> None:
+                 *, now: Callable[[], float] = time.time, normalize_workers: int | str = 0,
+                 behind_items: int = 0) -> None:
+        """`normalize_workers` is CPA_MONITOR_NORMALIZE_WORKERS; with `auto`, the worker takes only
+        batches of at least `behind_items` (parallel.backlog_items: the collector is behind its queue)."""
         self.conn = conn
         self.instance = instance
         self.directory = directory
         self._now = now
-        self.normalizer = NormalizePool(normalize_workers, instance)
+        workers, self.on_demand = worker_plan(normalize_workers)
+        self.normalizer = NormalizePool(workers, instance, min_items=behind_items if self.on_demand else 0)
         store.raise_gc_threshold()
         self.refreshes = 0
         self.controls = 0
 
     def _now_ms(self) -> int:
         return int(self._now() * 1000)
+
+    def pops_ahead(self, count: int) -> bool:
+        """Whether the pipelined loop pops the next group before storing one of `count` items: always
+        with a fixed number of workers, and with `auto` only for a group the worker takes."""
+        return self.normalizer.workers > 0 and (not self.on_demand or self.normalizer.uses_worker(count))
+
+    def release_idle_worker(self) -> None:
+        """With `auto`, stop the worker once no group has needed it for AUTO_IDLE_S."""
+        if self.on_demand and self.normalizer.release_idle(AUTO_IDLE_S):
+            logger.info("%s: normalize worker stopped (no backlog for %.0f s)", self.instance, AUTO_IDLE_S)
 
     def usage(self, raws: Sequence[bytes]) -> InsertResult:
         """Normalize and store one batch (control payloads act, blank items are skipped)."""

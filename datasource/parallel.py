@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 from datasource.model import Control, Normalized, Rejected
 from datasource.normalize import normalize
@@ -31,6 +31,33 @@ MIN_PARALLEL = 64  # smaller batches are normalized in the caller: a round trip 
 # Share of a batch the worker normalizes. The caller also unpickles the worker's results
 # (~10 us/event against ~9 us/event to pickle them in the worker), so half and half balances.
 DEFAULT_SHARE = 0.5
+
+
+# CPA_MONITOR_NORMALIZE_WORKERS=auto: one worker, used only while the collector is behind its queue
+# (`backlog_items`), and stopped after this long without such a group (its ~50-70 MB returned).
+AUTO_IDLE_S = 60.0
+
+
+def backlog_items(batch_size: int, commit_max: int) -> int:
+    """The smallest group that shows a backlog: consecutive full pops that reached the transaction
+    cap (with the defaults, 3,501 of 500-item pops capped at 4,000), or one full pop when a
+    transaction is one pop. Live traffic, even at 1,000 events/s, is stored in groups well under it."""
+    return max(batch_size, commit_max - batch_size + 1)
+
+
+def worker_plan(value: int | str) -> tuple[int, bool]:
+    """(workers, on demand) of a CPA_MONITOR_NORMALIZE_WORKERS value: `auto` is one worker on demand,
+    a whole number N >= 0 is N workers always used. Raises ValueError for anything else."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return 1, True
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise ValueError(f"normalize workers must be auto or a whole number >= 0, not {value!r}")
+    return workers, False
 
 
 # A worker polls for its parent this often. It must: a worker blocks reading its task queue, and
@@ -67,7 +94,12 @@ def _received(part: list[object]) -> list[Outcome]:
 
 
 class NormalizePool:
-    def __init__(self, workers: int, instance: str = "default", *, share: float = DEFAULT_SHARE) -> None:
+    """`workers` normalize processes, spawned at first use. With `min_items`, a batch smaller than
+    that is normalized in the caller (`uses_worker`), and `release_idle` stops the workers once
+    none has been used for a while: the `auto` setting (a worker only while the collector is behind)."""
+
+    def __init__(self, workers: int, instance: str = "default", *, share: float = DEFAULT_SHARE,
+                 min_items: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
         if workers < 0:
             raise ValueError("workers must be >= 0")
         if not 0.0 < share < 1.0:
@@ -75,19 +107,41 @@ class NormalizePool:
         self.workers = workers
         self.instance = instance
         self.share = share
+        self.min_items = max(min_items, MIN_PARALLEL)
         self.fallbacks = 0  # batches whose worker part was normalized here after a pool failure
+        self.starts = 0  # times the workers were started (again)
+        self._clock = clock
+        self._last_used = 0.0
         self._pool: ProcessPoolExecutor | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._pool is not None
+
+    def uses_worker(self, count: int) -> bool:
+        """Whether a batch of `count` items goes (in part) to a worker."""
+        return self.workers > 0 and count >= self.min_items
+
     def _executor(self) -> ProcessPoolExecutor:
+        self._last_used = self._clock()
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                              mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_exit_with_parent, initargs=(os.getpid(),))
+            self.starts += 1
         return self._pool
+
+    def release_idle(self, idle_s: float) -> bool:
+        """Stop the workers if none was used for `idle_s` seconds; returns whether they stopped.
+        The next batch that needs one starts them again."""
+        if self._pool is None or self._clock() - self._last_used < idle_s:
+            return False
+        self.close()
+        return True
 
     def normalize_all(self, raws: Sequence[bytes]) -> list[Outcome]:
         """Every item normalized, in input order. Never raises for a pool failure."""
-        if self.workers == 0 or len(raws) < MIN_PARALLEL:
+        if not self.uses_worker(len(raws)):
             return _normalize_chunk(raws, self.instance)
         split = int(len(raws) * self.share)
         head_raws = [bytes(r) for r in raws[:split]]
@@ -110,7 +164,7 @@ class NormalizePool:
         the items are normalized when `Pending.result()` is called."""
         items = [bytes(r) for r in raws]
         futures: list[Future] = []
-        if self.workers and len(items) >= MIN_PARALLEL:
+        if self.uses_worker(len(items)):
             parts = max(1, min(self.workers, len(items) // MIN_PARALLEL))
             size = -(-len(items) // parts)
             try:

@@ -23,7 +23,7 @@ from datasource.config import Settings
 from datasource.db import open_database
 from datasource.ingest import Ingestor
 from datasource.model import InsertResult, Rejected
-from datasource.parallel import Pending
+from datasource.parallel import Pending, backlog_items
 from datasource.sources import (ERRORS, USAGE, AuthError, BadReply, HttpManagement, Message, RespConnection,
                                 RespSubscriber, SourceError, Unsupported)
 from datasource.store_status import StatusRow
@@ -216,7 +216,8 @@ class UpstreamLoop:
         directory = AccountDirectory(lambda: self.http(5.0).auth_files(), self.settings.auth_files_ttl_s,
                                      mask_emails=self.settings.mask_emails, now=self._now)
         self.ingestor = Ingestor(self.conn, self.name, directory, now=self._now,
-                                 normalize_workers=self.settings.normalize_workers)
+                                 normalize_workers=self.settings.normalize_workers,
+                                 behind_items=backlog_items(self.settings.batch_size, self.settings.commit_max))
         totals = store_status.read_totals(self.conn, self.name)
         self.status.inserted, self.status.duplicates, self.status.dead_letters = totals
         self.save(state="starting", started_ms=self.now_ms())
@@ -344,17 +345,22 @@ class UpstreamLoop:
         A group is one pop, or under a backlog several consecutive full pops stored together in
         one transaction of up to CPA_MONITOR_COMMIT_MAX items (`take`): bigger transactions fold
         more events into each rollup row, which is where a backlog's time goes.
-        With a normalize worker (CPA_MONITOR_NORMALIZE_WORKERS >= 1) the loop is pipelined: group
-        N+1 is popped and handed to the worker before group N is stored, so the worker normalizes
-        while this thread writes, and up to two popped groups are in memory (docs/collector.md).
+        With a normalize worker (CPA_MONITOR_NORMALIZE_WORKERS >= 1, or `auto`) the loop is
+        pipelined: group N+1 is popped and handed to the worker before group N is stored, so the
+        worker normalizes while this thread writes, and up to two popped groups are in memory
+        (docs/collector.md). With `auto` only a group that shows a backlog (`backlog_items`: full pops
+        up to the transaction cap) goes to the worker and has the next group popped ahead of its
+        store; a smaller one is normalized and stored here before the next pop, as with no worker.
+        The worker starts with the first such group and stops after AUTO_IDLE_S without one.
         Each group is still stored whole, in pop order, in one transaction; the group in hand is
         stored before returning, whatever ends the loop (stop, an empty pop, a pop that raised).
         """
         ingestor = self.ingestor
         assert ingestor is not None
+        ingestor.release_idle_worker()
         total = 0
         pending: tuple[Pending, int] | None = None
-        workers = bool(self.settings.normalize_workers)
+        workers = ingestor.normalizer.workers > 0
         try:
             while not self.stop.is_set():
                 raws, last, error = self.take(pop)
@@ -364,6 +370,9 @@ class UpstreamLoop:
                     ahead = (ingestor.prepare(raws), len(raws)) if raws else None  # the worker starts on it now
                     current, pending = pending, ahead  # a store that raises leaves only `ahead` to the finally
                     if current is not None:
+                        self.store_pending(*current)
+                    if pending is not None and not ingestor.pops_ahead(len(raws)):  # `auto`, not behind:
+                        current, pending = pending, None  # stored now, nothing is popped ahead of it
                         self.store_pending(*current)
                 total += len(raws)
                 if error is not None:

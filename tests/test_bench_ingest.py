@@ -101,3 +101,10 @@ def test_normalize_gauge_times_payloads_that_normalize() -> None:
     assert bench_ingest.normalize_gauge(5, repeat=2) > 0
     assert len(bench_ingest._gauge_payloads) == 5
     assert all(type(normalize(raw)) is Normalized for raw in bench_ingest._gauge_payloads)
+
+
+def test_a_workers_value_the_collector_would_refuse_is_an_error(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench_ingest.main(["--events", "10", "--skip-cli", "--workers", "1,two"])
+    assert stop.value.code == 2
+    assert "--workers: normalize workers must be auto or a whole number >= 0, not 'two'" in capsys.readouterr().err

@@ -252,6 +252,8 @@ def test_poll_interval_not_shorter_than_retention_is_refused(settings):
         validate(settings_for(settings, "http://127.0.0.1:1", poll_interval_ms=3_600_000))
     with pytest.raises(ValueError, match="collector mode"):
         validate(settings_for(settings, "http://127.0.0.1:1", collector_mode="pull"))
+    with pytest.raises(ValueError, match="normalize workers must be auto or a whole number >= 0, not 'two'"):
+        validate(settings_for(settings, "http://127.0.0.1:1", normalize_workers="two"))
     for field in ("batch_size", "commit_max", "poll_interval_ms"):
         with pytest.raises(ValueError, match="must be positive"):
             validate(settings_for(settings, "http://127.0.0.1:1", **{field: 0}))

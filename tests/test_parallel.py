@@ -10,7 +10,7 @@ import pytest
 
 from datasource.model import Control, Normalized, Rejected
 from datasource.normalize import normalize
-from datasource.parallel import MIN_PARALLEL, NormalizePool
+from datasource.parallel import AUTO_IDLE_S, MIN_PARALLEL, NormalizePool, backlog_items
 
 NOW_MS = 1_778_033_730_123
 
@@ -129,7 +129,8 @@ def _loop(settings, workers: int, batch: int, commit_max: int | None = None):
                 cpa_management_key="k")
     loop = UpstreamLoop(s, "default", s.cpa_url, threading.Event())
     loop.conn = open_database(s.db)
-    loop.ingestor = Ingestor(loop.conn, "default", normalize_workers=workers)
+    loop.ingestor = Ingestor(loop.conn, "default", normalize_workers=workers,
+                             behind_items=backlog_items(s.batch_size, s.commit_max))
     return loop
 
 
@@ -147,7 +148,7 @@ def _pops_then_reset(batches: list[list[bytes]]):
     return pop
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, "auto"])
 def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order(settings, workers):
     loop = _loop(settings, workers, batch=100)
     batches = [_events(0, 100), _events(100, 200), _events(200, 250), []]
@@ -161,7 +162,8 @@ def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order
         assert loop.pump(pop, drain=False) == 250
         # with a worker the next batch is popped (and normalized meanwhile) before the previous one
         # is stored: at most two batches in memory; without one, each pop follows the commit
-        assert stored_at_pop == ([0, 0, 100, 200] if workers else [0, 100, 200, 250])
+        # `auto` pops ahead of the two full pops (the loop is behind), not of the short one of 50
+        assert stored_at_pop == {0: [0, 100, 200, 250], 1: [0, 0, 100, 200], "auto": [0, 0, 100, 250]}[workers]
         ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
         assert ids == [f"r{i:04d}" for i in range(250)]
         assert (loop.status.inserted, loop.status.duplicates) == (250, 0)
@@ -170,7 +172,7 @@ def test_pump_pops_ahead_only_with_a_worker_and_stores_every_batch_once_in_order
         loop.conn.close()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, "auto"])
 def test_pump_stores_consecutive_full_pops_together_up_to_commit_max(settings, monkeypatch, workers):
     from datasource import store
 
@@ -194,6 +196,8 @@ def test_pump_stores_consecutive_full_pops_together_up_to_commit_max(settings, m
         assert loop.pump(pop, drain=False) == 537
         # three full pops fill a group of 300 (a fourth would pass it); the next group ends at the short pop
         assert transactions == [300, 237]
+        # both groups pass backlog_items(100, 300) = 201 (full pops up to the cap), so `auto` pops ahead
+        # like one worker
         assert stored_at_pop == ([0, 0, 0, 0, 0, 0, 300] if workers else [0, 0, 0, 300, 300, 300, 537])
         ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
         assert ids == [f"r{i:04d}" for i in range(537)]
@@ -272,3 +276,71 @@ def test_pump_stopping_during_a_store_outage_gives_up_each_held_batch_once(setti
         blocker.close()
         loop.ingestor.close()
         loop.conn.close()
+
+
+def test_auto_starts_its_worker_only_for_backlog_groups_and_stops_it_when_idle(settings):
+    """Pops of 100, one per transaction, so a full pop reaches the cap (backlog_items): short ones
+    (40, 30) are normalized in the loop and no worker starts; a full one starts it; a pump AUTO_IDLE_S after the last full group stops it, and the next full group
+    starts it again. Every event is stored once, in pop order."""
+    loop = _loop(settings, "auto", batch=100)
+    clock = [1000.0]
+    normalizer = loop.ingestor.normalizer
+    normalizer._clock = lambda: clock[0]
+    try:
+        assert loop.pump(_pops_then_reset([_events(0, 40), _events(40, 70), []]), drain=False) == 70
+        assert (normalizer.running, normalizer.starts) == (False, 0)
+        assert loop.pump(_pops_then_reset([_events(70, 170), []]), drain=False) == 100
+        assert (normalizer.running, normalizer.starts) == (True, 1)
+        clock[0] += AUTO_IDLE_S - 1  # not idle long enough: kept
+        assert loop.pump(_pops_then_reset([_events(170, 180), []]), drain=False) == 10
+        assert (normalizer.running, normalizer.starts) == (True, 1)
+        clock[0] += 1  # AUTO_IDLE_S since the full group: stopped at the next pump
+        assert loop.pump(_pops_then_reset([[]]), drain=False) == 0
+        assert (normalizer.running, normalizer.starts) == (False, 1)
+        assert loop.pump(_pops_then_reset([_events(180, 280), []]), drain=False) == 100
+        assert (normalizer.running, normalizer.starts) == (True, 2)
+        ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
+        assert ids == [f"r{i:04d}" for i in range(280)]
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
+
+
+def test_a_fixed_worker_count_is_never_released(settings):
+    loop = _loop(settings, 1, batch=100)
+    clock = [1000.0]
+    normalizer = loop.ingestor.normalizer
+    normalizer._clock = lambda: clock[0]
+    try:
+        assert loop.pump(_pops_then_reset([_events(0, 100), []]), drain=False) == 100
+        clock[0] += 100 * AUTO_IDLE_S
+        assert loop.pump(_pops_then_reset([[]]), drain=False) == 0
+        assert (normalizer.running, normalizer.starts) == (True, 1)
+    finally:
+        loop.ingestor.close()
+        loop.conn.close()
+
+
+@pytest.mark.parametrize("value, plan", [("auto", (1, True)), (" AUTO ", (1, True)), ("0", (0, False)),
+                                         ("2", (2, False)), (1, (1, False))])
+def test_worker_plan_reads_the_setting(value, plan):
+    from datasource.parallel import worker_plan
+
+    assert worker_plan(value) == plan
+
+
+@pytest.mark.parametrize("value", ["-1", "one", "", "1.5"])
+def test_worker_plan_refuses_anything_else(value):
+    from datasource.parallel import worker_plan
+
+    with pytest.raises(ValueError, match="normalize workers must be auto or a whole number >= 0"):
+        worker_plan(value)
+
+
+def test_backlog_items_is_a_group_that_reached_the_transaction_cap() -> None:
+    """Pops of 500 capped at 4,000: a group stops before a pop that would pass the cap, so one that
+    reached it holds over 3,500 (8 full pops hold 4,000); one pop per transaction: a full pop."""
+    assert backlog_items(500, 4000) == 3501
+    assert backlog_items(100, 100) == 100
+    assert backlog_items(100, 300) == 201
+    assert backlog_items(500, 200) == 500  # a cap below a pop: a full pop
