@@ -278,10 +278,11 @@ def test_pump_stopping_during_a_store_outage_gives_up_each_held_batch_once(setti
         loop.conn.close()
 
 
-def test_auto_starts_its_worker_only_for_backlog_groups_and_stops_it_when_idle(settings):
+def test_auto_starts_its_worker_only_for_backlog_groups_and_stops_it_when_idle(settings, caplog):
     """Pops of 100, one per transaction, so a full pop reaches the cap (backlog_items): short ones
     (40, 30) are normalized in the loop and no worker starts; a full one starts it; a pump AUTO_IDLE_S after the last full group stops it, and the next full group
-    starts it again. Every event is stored once, in pop order."""
+    starts it again. Every event is stored once, in pop order, and the log says each start and stop."""
+    caplog.set_level("INFO", logger="datasource.ingest")
     loop = _loop(settings, "auto", batch=100)
     clock = [1000.0]
     normalizer = loop.ingestor.normalizer
@@ -301,6 +302,10 @@ def test_auto_starts_its_worker_only_for_backlog_groups_and_stops_it_when_idle(s
         assert (normalizer.running, normalizer.starts) == (True, 2)
         ids = [r[0] for r in loop.conn.execute("SELECT request_id FROM events ORDER BY id")]
         assert ids == [f"r{i:04d}" for i in range(280)]
+        said = [r.getMessage() for r in caplog.records if r.name == "datasource.ingest"]
+        assert said == ["default: starting a normalize worker: a group of 100 items, the collector is behind its queue",
+                        f"default: normalize worker stopped (no backlog for {AUTO_IDLE_S:.0f} s)",
+                        "default: starting a normalize worker: a group of 100 items, the collector is behind its queue"]
     finally:
         loop.ingestor.close()
         loop.conn.close()
