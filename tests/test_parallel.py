@@ -94,6 +94,19 @@ def test_small_batches_and_zero_workers_stay_in_process():
     one.close()
 
 
+def test_min_items_keeps_smaller_batches_in_process_for_split_and_submit():
+    """`auto`'s rule for subscription piles (normalize_all) and popped groups (submit) alike."""
+    pool = NormalizePool(1, min_items=200)
+    try:
+        assert [o.row["request_id"] for o in pool.normalize_all(raws(199))[:2]] == ["r0", "r1"]
+        assert not pool.submit(raws(199))._futures
+        assert (pool.running, pool.starts) == (False, 0)
+        assert len(pool.normalize_all(raws(200))) == 200
+        assert (pool.running, pool.starts) == (True, 1)
+    finally:
+        pool.close()
+
+
 def test_a_killed_worker_costs_nothing_but_time(pool):
     items = raws(100)
     pool.normalize_all(items)  # starts the worker
