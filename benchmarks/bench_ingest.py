@@ -17,7 +17,8 @@
    Each run also prints two gauges of the machine's speed, timed before and after it: a fixed
    5 M-iteration Python loop, and the normalize gauge (us/event to normalize 2,000 fixed
    payloads in this process, best of 3). This VM's speed moved by 2x between hours, and the rates
-   with it; the loop missed some of the slow spells the normalize gauge shows.
+   with it; the loop did not follow every change (in one set the collector's CPU per event was
+   25 % higher with the loop only 15 % slower), so the second gauge times our own kind of work.
    With --into FILE the collector stores into FILE, a copy of a dataset, instead of a fresh
    file. The payloads are live traffic of the same deployment: the dataset's seed (its accounts,
    API keys and models) over the span that follows the file's newest event, each run after the
@@ -264,7 +265,7 @@ def normalize_gauge(count: int = GAUGE_PAYLOADS, repeat: int = 3) -> float:
     """Microseconds per event to normalize `count` fixed benchmark payloads (seed 11, an hour
     before the datasets' end) in this process, best of `repeat` passes: the machine's speed at
     the collector's own kind of work (JSON, dicts, strings), which a loop of integer arithmetic
-    does not always follow. The later passes find normalize's caches warm, so the best pass is
+    did not always follow. The later passes find normalize's caches warm, so the best pass is
     the same work every time."""
     from datasource.normalize import normalize
 
