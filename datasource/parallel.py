@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -66,8 +67,14 @@ def worker_plan(value: int | str) -> tuple[int, bool]:
 PARENT_POLL_S = 0.5
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: a daemon thread that ends the worker once its parent is gone."""
+def _worker_init(parent_pid: int) -> None:
+    """Worker initializer: ignore SIGINT, and end the worker once its parent is gone.
+
+    A Ctrl-C in a terminal (or `timeout`) signals the whole process group: the worker used to die
+    of it with a KeyboardInterrupt traceback in the middle of the collector's orderly stop. The
+    parent ends the worker itself (the pool's shutdown), or the watch below does once it is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_POLL_S)
@@ -127,7 +134,7 @@ class NormalizePool:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                              mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_exit_with_parent, initargs=(os.getpid(),))
+                                             initializer=_worker_init, initargs=(os.getpid(),))
             self.starts += 1
         return self._pool
 

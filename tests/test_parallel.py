@@ -121,6 +121,20 @@ def test_a_killed_worker_costs_nothing_but_time(pool):
     assert pool.fallbacks == 1
 
 
+def test_a_worker_ignores_sigint_and_stops_with_its_pool(pool):
+    """Ctrl-C signals the process group: the worker leaves its end to the parent's orderly stop."""
+    items = raws(100)
+    first = pool.normalize_all(items)  # starts the worker (its initializer ran before its first task)
+    (pid,) = list(pool._pool._processes)
+    process = pool._pool._processes[pid]
+    os.kill(pid, signal.SIGINT)
+    again = pool.normalize_all(items)
+    assert process.is_alive() and pool.fallbacks == 0  # still working: the same process answered
+    assert all(same(a, b) for a, b in zip(again, first))
+    pool.close()
+    assert process.exitcode == 0  # ended by the shutdown, not by the signal
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
         NormalizePool(-1)
