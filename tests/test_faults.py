@@ -647,12 +647,15 @@ def _summary_requests(client) -> int:
     return {f["name"]: f["values"] for f in frame["fields"]}["requests"][0]
 
 
-@pytest.mark.parametrize("workers", ["0", "auto"])
-def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(settings, small_fs, workers):
+# with `auto` and groups capped at 300, the 500-event backlog's groups of full pops reach the cap
+# (parallel.backlog_items(100, 300) = 201): the worker takes them and the next group is popped ahead
+@pytest.mark.parametrize("workers, commit_max", [("0", 4000), ("auto", 300)])
+def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(settings, small_fs, workers,
+                                                                                commit_max):
     db = str(small_fs / "monitor.db")
     with RedisServer(KEY) as server:
         cfg = settings_for(replace_db(settings, db), server.url, collector_mode="resp", pop_side="left",
-                           batch_size=100, normalize_workers=workers)
+                           batch_size=100, commit_max=commit_max, normalize_workers=workers)
         svc = service(cfg)
         filler = small_fs / "filler"
         try:
@@ -678,7 +681,7 @@ def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(
             if workers == "0":
                 assert server.client().llen("usage") == 500 - held
             else:  # behind its queue, `auto` may have popped the next group ahead of the held one
-                assert server.client().llen("usage") <= 500 - held
+                assert held <= 300 and 500 - held - 300 <= server.client().llen("usage") <= 500 - held
             assert event_count(db) == 300
             assert _summary_requests(client) == 300  # queries keep answering
             assert read_only_summary(db) == 300  # and a datasource starts on the full disk
@@ -690,6 +693,7 @@ def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(
             filler.unlink()
             wait_for(lambda: event_count(db) == 800, timeout=15)
             wait_for(lambda: status(db).get("state") == "running")
+            assert (loop.ingestor.normalizer.starts > 0) == (workers == "auto")  # the worker did take groups
         finally:
             svc.stop()
             if filler.exists():
