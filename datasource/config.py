@@ -46,7 +46,7 @@ class Settings:
         "auto", "collector: 1 = a worker process normalizes the next popped group while the collector thread "
         "stores the current one (two cores; up to two popped groups in memory); N > 1 splits each group across N; "
         "0: none; auto: one worker only while the collector is behind its queue (a group of full pops reaching "
-        "commit_max), stopped after 60 s without one"
+        "commit_max), stopped after 60 s without one; none with a single usable CPU"
     )
     poll_interval_ms: int = _opt(500, "wait after an empty pop; must be shorter than CPA's queue retention")
     auth_files_ttl_s: int = _opt(30, "how long CPA's auth-file list is cached for account enrichment")

@@ -46,12 +46,34 @@ def backlog_items(batch_size: int, commit_max: int) -> int:
     return max(batch_size, commit_max - batch_size + 1)
 
 
-def worker_plan(value: int | str) -> tuple[int, bool]:
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpus(cpu_max: str = CGROUP_CPU_MAX) -> float:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (`docker run --cpus`, a Kubernetes limit: "quota period" in cpu.max, "max" for none)."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        with open(cpu_max, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    return cpus
+
+
+def worker_plan(value: int | str, cpus: float | None = None) -> tuple[int, bool]:
     """(workers, on demand) of a CPA_MONITOR_NORMALIZE_WORKERS value: `auto` is one worker on demand,
-    a whole number N >= 0 is N workers always used. Raises ValueError for anything else."""
+    or none with at most one usable CPU (`cpus`, default `usable_cpus()`: a second process would
+    only take turns with the collector on it); a whole number N >= 0 is N workers always used.
+    Raises ValueError for anything else."""
     text = str(value).strip().lower()
     if text == "auto":
-        return 1, True
+        return (1 if (usable_cpus() if cpus is None else cpus) > 1 else 0), True
     try:
         workers = int(text)
     except ValueError:

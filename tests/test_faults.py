@@ -651,7 +651,10 @@ def _summary_requests(client) -> int:
 # (parallel.backlog_items(100, 300) = 201): the worker takes them and the next group is popped ahead
 @pytest.mark.parametrize("workers, commit_max", [("0", 4000), ("auto", 300)])
 def test_disk_full_holds_the_popped_batch_and_stores_it_once_when_space_returns(settings, small_fs, workers,
-                                                                                commit_max):
+                                                                                commit_max, monkeypatch):
+    from datasource import parallel
+
+    monkeypatch.setattr(parallel, "usable_cpus", lambda cpu_max=parallel.CGROUP_CPU_MAX: 2.0)  # any CI machine
     db = str(small_fs / "monitor.db")
     with RedisServer(KEY) as server:
         cfg = settings_for(replace_db(settings, db), server.url, collector_mode="resp", pop_side="left",

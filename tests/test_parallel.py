@@ -11,6 +11,7 @@ import pytest
 from datasource.model import Control, Normalized, Rejected
 from datasource.normalize import normalize
 from datasource.parallel import AUTO_IDLE_S, MIN_PARALLEL, NormalizePool, backlog_items
+from datasource.parallel import usable_cpus as real_usable_cpus  # the autouse fixture replaces it in the module
 
 NOW_MS = 1_778_033_730_123
 
@@ -140,6 +141,14 @@ def test_bad_arguments_are_refused():
         NormalizePool(-1)
     with pytest.raises(ValueError):
         NormalizePool(1, share=1.0)
+
+
+@pytest.fixture(autouse=True)
+def two_cpus(monkeypatch):
+    """`auto` sees two usable CPUs, whatever machine runs the tests (it runs no worker on one)."""
+    from datasource import parallel
+
+    monkeypatch.setattr(parallel, "usable_cpus", lambda cpu_max=parallel.CGROUP_CPU_MAX: 2.0)
 
 
 def _loop(settings, workers: int, batch: int, commit_max: int | None = None):
@@ -358,7 +367,26 @@ def test_a_fixed_worker_count_is_never_released(settings):
 def test_worker_plan_reads_the_setting(value, plan):
     from datasource.parallel import worker_plan
 
-    assert worker_plan(value) == plan
+    assert worker_plan(value, cpus=2) == plan
+
+
+def test_auto_runs_no_worker_with_one_usable_cpu():
+    from datasource.parallel import worker_plan
+
+    assert worker_plan("auto", cpus=1) == (0, True)
+    assert worker_plan("auto", cpus=1.5) == (1, True)  # `--cpus 1.5`: the worker has half a core
+    assert worker_plan("1", cpus=1) == (1, False)  # a number is taken as given
+
+
+@pytest.mark.parametrize("text, cpus", [("max 100000\n", 2), ("100000 100000\n", 1.0), ("150000 100000", 1.5),
+                                        ("400000 100000", 2), ("garbage", 2), ("100000 0", 2)])
+def test_usable_cpus_takes_the_cgroup_quota_under_the_affinity(tmp_path, monkeypatch, text, cpus):
+    """Two CPUs in the affinity mask; cpu.max caps them when it sets a quota ("quota period")."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    path = tmp_path / "cpu.max"
+    path.write_text(text)
+    assert real_usable_cpus(str(path)) == cpus
+    assert real_usable_cpus(str(tmp_path / "none")) == 2  # no cgroup v2 file: the affinity
 
 
 @pytest.mark.parametrize("value", ["-1", "one", "", "1.5"])
