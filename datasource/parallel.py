@@ -46,24 +46,32 @@ def backlog_items(batch_size: int, commit_max: int) -> int:
     return max(batch_size, commit_max - batch_size + 1)
 
 
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "quota period", "max" for none
+CGROUP_V1_CPU = "/sys/fs/cgroup/cpu"  # cgroup v1: cpu.cfs_quota_us (-1 for none) and cpu.cfs_period_us
 
 
-def usable_cpus(cpu_max: str = CGROUP_CPU_MAX) -> float:
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
-    (`docker run --cpus`, a Kubernetes limit: "quota period" in cpu.max, "max" for none)."""
+def _read_words(path: str) -> list[str]:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def usable_cpus(cpu_max: str = CGROUP_CPU_MAX, v1_dir: str = CGROUP_V1_CPU) -> float:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota
+    (`docker run --cpus`, a Kubernetes limit), read from cgroup v2's cpu.max or else v1's CFS files."""
     try:
         cpus: float = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
+    quota_period = _read_words(cpu_max)[:2] or (_read_words(os.path.join(v1_dir, "cpu.cfs_quota_us"))[:1]
+                                                 + _read_words(os.path.join(v1_dir, "cpu.cfs_period_us"))[:1])
     try:
-        with open(cpu_max, encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, int(quota) / int(period))
-    except (OSError, ValueError, ZeroDivisionError):
-        pass
-    return cpus
+        quota, period = (int(word) for word in quota_period)  # "max" (v2) raises: no quota
+    except ValueError:
+        return cpus
+    return min(cpus, quota / period) if quota > 0 and period > 0 else cpus
 
 
 def worker_plan(value: int | str, cpus: float | None = None) -> tuple[int, bool]:

@@ -381,12 +381,24 @@ def test_auto_runs_no_worker_with_one_usable_cpu():
 @pytest.mark.parametrize("text, cpus", [("max 100000\n", 2), ("100000 100000\n", 1.0), ("150000 100000", 1.5),
                                         ("400000 100000", 2), ("garbage", 2), ("100000 0", 2)])
 def test_usable_cpus_takes_the_cgroup_quota_under_the_affinity(tmp_path, monkeypatch, text, cpus):
-    """Two CPUs in the affinity mask; cpu.max caps them when it sets a quota ("quota period")."""
+    """Two CPUs in the affinity mask; cgroup v2's cpu.max caps them when it sets a quota ("quota period")."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     path = tmp_path / "cpu.max"
     path.write_text(text)
-    assert real_usable_cpus(str(path)) == cpus
-    assert real_usable_cpus(str(tmp_path / "none")) == 2  # no cgroup v2 file: the affinity
+    assert real_usable_cpus(str(path), str(tmp_path / "v1")) == cpus
+    # neither cgroup file: the affinity
+    assert real_usable_cpus(str(tmp_path / "none"), str(tmp_path / "v1")) == 2
+
+
+@pytest.mark.parametrize("quota, cpus", [("100000", 1.0), ("-1", 2), ("250000", 2)])
+def test_usable_cpus_reads_cgroup_v1_when_there_is_no_v2_file(tmp_path, monkeypatch, quota, cpus):
+    """cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us (period 100000 here), -1 for no quota."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert real_usable_cpus(str(tmp_path / "cpu.max"), str(v1)) == cpus
 
 
 @pytest.mark.parametrize("value", ["-1", "one", "", "1.5"])
