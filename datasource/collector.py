@@ -23,6 +23,7 @@ from datasource.config import Settings
 from datasource.db import open_database
 from datasource.lock import CollectorLock
 from datasource.parallel import worker_plan
+from datasource.pricing import Pricer
 from datasource.upstream import MAX_RETENTION_S, ConfigRefused, Timing, UpstreamLoop, check_poll_interval
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def validate(settings: Settings) -> None:
     if settings.pop_side.lower() not in ("right", "left", "rpop", "lpop"):
         raise ValueError(f"pop side must be right or left, not {settings.pop_side!r}")
     worker_plan(settings.normalize_workers)
+    if settings.prices_file:
+        Pricer.from_file(settings.prices_file)  # PriceError (a ValueError) names the file and the entry
     if settings.batch_size <= 0 or settings.commit_max <= 0 or settings.poll_interval_ms <= 0:
         raise ValueError("batch size, commit max and poll interval must be positive")
     check_poll_interval(settings.poll_interval_ms, MAX_RETENTION_S)

@@ -23,15 +23,17 @@ logger = logging.getLogger(__name__)
 class Ingestor:
     def __init__(self, conn: Connection, instance: str, directory: AccountDirectory | None = None,
                  *, now: Callable[[], float] = time.time, normalize_workers: int | str = 0,
-                 behind_items: int = 0) -> None:
+                 behind_items: int = 0, prices_file: str = "") -> None:
         """`normalize_workers` is CPA_MONITOR_NORMALIZE_WORKERS; with `auto`, the worker takes only
-        batches of at least `behind_items` (parallel.backlog_items: the collector is behind its queue)."""
+        batches of at least `behind_items` (parallel.backlog_items: the collector is behind its queue).
+        `prices_file` is CPA_MONITOR_PRICES_FILE: the table events are priced with (empty: built in)."""
         self.conn = conn
         self.instance = instance
         self.directory = directory
         self._now = now
         workers, self.on_demand = worker_plan(normalize_workers)
-        self.normalizer = NormalizePool(workers, instance, min_items=behind_items if self.on_demand else 0)
+        self.normalizer = NormalizePool(workers, instance, min_items=behind_items if self.on_demand else 0,
+                                        prices_file=prices_file)
         store.raise_gc_threshold()
         self.refreshes = 0
         self.controls = 0

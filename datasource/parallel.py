@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from datasource.model import Control, Normalized, Rejected
 from datasource.normalize import normalize
+from datasource.pricing import Pricer
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +98,20 @@ def worker_plan(value: int | str, cpus: float | None = None) -> tuple[int, bool]
 PARENT_POLL_S = 0.5
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Worker initializer: ignore SIGINT, and end the worker once its parent is gone.
+# The price table of a worker process (CPA_MONITOR_PRICES_FILE, read once by `_worker_init`);
+# None: the built-in table.
+_worker_pricer: Pricer | None = None
+
+
+def _worker_init(parent_pid: int, prices_file: str = "") -> None:
+    """Worker initializer: the price table, SIGINT ignored, and an end once the parent is gone.
 
     A Ctrl-C in a terminal (or `timeout`) signals the whole process group: the worker used to die
     of it with a KeyboardInterrupt traceback in the middle of the collector's orderly stop. The
     parent ends the worker itself (the pool's shutdown), or the watch below does once it is gone."""
+    global _worker_pricer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_pricer = Pricer.from_file(prices_file) if prices_file else None
 
     def watch() -> None:
         while os.getppid() == parent_pid:
@@ -113,8 +121,8 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _normalize_chunk(raws: Sequence[bytes], instance: str) -> list[Outcome]:
-    return [normalize(raw, instance=instance) for raw in raws]
+def _normalize_chunk(raws: Sequence[bytes], instance: str, pricer: Pricer | None = None) -> list[Outcome]:
+    return [normalize(raw, instance=instance, pricer=pricer) for raw in raws]
 
 
 def _normalize_part(raws: Sequence[bytes], instance: str) -> list[object]:
@@ -123,7 +131,7 @@ def _normalize_part(raws: Sequence[bytes], instance: str) -> list[object]:
     storing process (4,000 events: 8.1 -> 6.1 us/event to load, 6.3 -> 4.7 to dump). Packing the
     rows for the store here too was measured slower: the worker was the busier side then."""
     return [(o.row, o.private, o.ledger_hash) if type(o) is Normalized else o
-            for o in _normalize_chunk(raws, instance)]
+            for o in _normalize_chunk(raws, instance, _worker_pricer)]
 
 
 def _received(part: list[object]) -> list[Outcome]:
@@ -136,7 +144,9 @@ class NormalizePool:
     none has been used for a while: the `auto` setting (a worker only while the collector is behind)."""
 
     def __init__(self, workers: int, instance: str = "default", *, share: float = DEFAULT_SHARE,
-                 min_items: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 min_items: int = 0, prices_file: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        """`prices_file` is CPA_MONITOR_PRICES_FILE (empty: the built-in table), read here and in each
+        worker; a bad file raises PriceError here."""
         if workers < 0:
             raise ValueError("workers must be >= 0")
         if not 0.0 < share < 1.0:
@@ -145,6 +155,8 @@ class NormalizePool:
         self.instance = instance
         self.share = share
         self.min_items = max(min_items, MIN_PARALLEL)
+        self.prices_file = prices_file
+        self.pricer = Pricer.from_file(prices_file) if prices_file else None
         self.fallbacks = 0  # batches whose worker part was normalized here after a pool failure
         self.starts = 0  # times the workers were started (again)
         self._clock = clock
@@ -164,7 +176,8 @@ class NormalizePool:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                              mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(os.getpid(),))
+                                             initializer=_worker_init,
+                                             initargs=(os.getpid(), self.prices_file))
             self.starts += 1
         return self._pool
 
@@ -179,20 +192,20 @@ class NormalizePool:
     def normalize_all(self, raws: Sequence[bytes]) -> list[Outcome]:
         """Every item normalized, in input order. Never raises for a pool failure."""
         if not self.uses_worker(len(raws)):
-            return _normalize_chunk(raws, self.instance)
+            return _normalize_chunk(raws, self.instance, self.pricer)
         split = int(len(raws) * self.share)
         head_raws = [bytes(r) for r in raws[:split]]
         try:
             future = self._executor().submit(_normalize_part, head_raws, self.instance)
         except Exception as exc:  # a broken or shut-down pool: do it all here
             self._failed(exc)
-            return _normalize_chunk(raws, self.instance)
-        tail = _normalize_chunk(raws[split:], self.instance)
+            return _normalize_chunk(raws, self.instance, self.pricer)
+        tail = _normalize_chunk(raws[split:], self.instance, self.pricer)
         try:
             head = _received(future.result())
         except Exception as exc:
             self._failed(exc)
-            head = _normalize_chunk(head_raws, self.instance)
+            head = _normalize_chunk(head_raws, self.instance, self.pricer)
         return head + tail
 
     def submit(self, raws: Sequence[bytes]) -> "Pending":
@@ -249,7 +262,7 @@ class Pending:
                 except Exception as exc:  # `out` stays None: normalized here below
                     self.pool._failed(exc)
                 self._futures = []
-            self._result = out if out is not None else _normalize_chunk(self.raws, self.pool.instance)
+            self._result = out if out is not None else _normalize_chunk(self.raws, self.pool.instance, self.pool.pricer)
             # the popped bytes are not needed once normalized (a store retry stores the result):
             # 5.6 MB in a 4,000-event group of the benchmark shape, freed while it is stored
             self.raws = []

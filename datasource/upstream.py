@@ -217,7 +217,8 @@ class UpstreamLoop:
                                      mask_emails=self.settings.mask_emails, now=self._now)
         self.ingestor = Ingestor(self.conn, self.name, directory, now=self._now,
                                  normalize_workers=self.settings.normalize_workers,
-                                 behind_items=backlog_items(self.settings.batch_size, self.settings.commit_max))
+                                 behind_items=backlog_items(self.settings.batch_size, self.settings.commit_max),
+                                 prices_file=self.settings.prices_file)
         totals = store_status.read_totals(self.conn, self.name)
         self.status.inserted, self.status.duplicates, self.status.dead_letters = totals
         self.save(state="starting", started_ms=self.now_ms())

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import time
 
+import apsw
 import pytest
 
 from collector_helpers import (FAST, KEY, event, event_count, query, request_ids, scalar, service, settings_for,
@@ -50,6 +51,39 @@ def test_resp_mode_pops_in_batches_and_reports_status(server, settings, workers)
         svc.stop()
     assert status(settings.db)["state"] == "stopped"
     assert multiprocessing.active_children() == []  # the normalize worker stopped with the loop
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_the_collector_prices_events_with_the_configured_price_file(server, settings, tmp_path, workers):
+    """gpt-5.4 at 10 / 20 USD per million tokens (cache reads at 10 % of input by default): an event
+    of 100 input and 20 output tokens costs (100 x 10 + 20 x 20) / 1e6 = 0.0014 USD, against
+    0.00055 with the built-in table (2.5 / 15). The worker process reads the same file."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {"gpt-5.4": {"input": 10, "output": 20}}}))
+    for i in range(100):  # a group of 100: the worker takes it whole (MIN_PARALLEL is 64)
+        server.enqueue(event(i))
+    svc = service(settings_for(settings, server.url, collector_mode="resp", pop_side="left",
+                               normalize_workers=workers, prices_file=str(prices)))
+    try:
+        wait_for(lambda: event_count(settings.db) == 100)
+        assert svc.loops()[0].ingestor.normalizer.starts == int(workers)
+    finally:
+        svc.stop()
+    conn = apsw.Connection(settings.db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        costs = [r[0] for r in conn.execute("SELECT est_cost_usd FROM events")]
+    finally:
+        conn.close()
+    assert costs == [pytest.approx(0.0014)] * 100
+
+
+def test_a_price_file_that_cannot_be_read_is_refused(settings, tmp_path):
+    bad = tmp_path / "prices.json"
+    bad.write_text(json.dumps({"models": {"gpt-5.4": {"input": -1, "output": 20}}}))
+    with pytest.raises(ValueError, match="gpt-5.4"):
+        validate(settings_for(settings, "http://127.0.0.1:1", prices_file=str(bad)))
+    with pytest.raises(ValueError, match="cannot read price file"):
+        validate(settings_for(settings, "http://127.0.0.1:1", prices_file=str(tmp_path / "missing.json")))
 
 
 def test_subscribe_drains_what_was_queued_before_subscribing(server, settings):
