@@ -524,6 +524,15 @@ def _collect(db: str, url: str, *extra: str) -> subprocess.Popen:
                             env=dict(os.environ, PYTHONPATH=ROOT))
 
 
+def _is_spawned_worker(pid: int) -> bool:
+    """A multiprocessing `spawn` child (a normalize worker), not the resource tracker."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"spawn_main" in fh.read()
+    except OSError:
+        return False
+
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is `pid` (from /proc)."""
     found = []
@@ -558,12 +567,16 @@ def _check_consistent(db: str) -> int:
         conn.close()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", ["0", "1", "auto"])
 def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
     """With a normalize worker (the pipelined collector) up to two popped batches are in flight,
-    and the worker must not outlive its killed collector."""
+    and the worker must not outlive its killed collector. `auto` (the default) runs one for this
+    backlog (groups of 600 reach backlog_items(200, 600) = 401) on a machine with two usable CPUs."""
+    from datasource.parallel import worker_plan
+
     total, batch, group, kills = 16_000, 200, 600, 3
-    in_flight = group * (2 if workers else 1)  # a backlog: pops of 200 stored in transactions of 600
+    running = worker_plan(workers)[0]  # the collector subprocess sees the same CPUs
+    in_flight = group * (2 if running else 1)  # a backlog: pops of 200 stored in transactions of 600
     extra = ("--batch-size", str(batch), "--commit-max", str(group), "--normalize-workers", str(workers))
     with RedisServer(KEY) as server:
         pipe = server.client().pipeline(transaction=False)
@@ -577,7 +590,8 @@ def test_sigkill_during_heavy_ingestion_then_restart(db_path, workers):
             try:
                 wait_for(lambda: event_count(db_path) >= before + 1500, timeout=30, interval=0.01)
                 children = _children(proc.pid)  # the normalize worker and multiprocessing's tracker
-                assert len(children) >= workers
+                assert len(children) >= running
+                assert sum(_is_spawned_worker(c) for c in children) == running  # not only the tracker
                 proc.kill()  # SIGKILL: no handler runs, a popped batch may be in flight
                 proc.wait(timeout=10)
                 wait_for(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), timeout=10)
