@@ -53,22 +53,21 @@ class Ingestor:
 
     def usage(self, raws: Sequence[bytes]) -> InsertResult:
         """Normalize and store one batch (control payloads act, blank items are skipped)."""
-        items = [raw for raw in raws if raw and raw.strip()]
-        self._note_start(len(items))
-        return self._store(self.normalizer.normalize_all(items))
+        return self._store(self.normalizer.normalize_all(self._items(raws)))
 
     def prepare(self, raws: Sequence[bytes]) -> Pending:
         """Hand one popped batch to the normalize worker (if any) and return at once; store it
         with `usage_prepared` (the pipelined collector stores the previous batch meanwhile)."""
-        items = [raw for raw in raws if raw and raw.strip()]
-        self._note_start(len(items))
-        return self.normalizer.submit(items)
+        return self.normalizer.submit(self._items(raws))
 
-    def _note_start(self, count: int) -> None:
-        """With `auto`, say when a batch is about to start the worker: the collector is behind."""
-        if self.on_demand and not self.normalizer.running and self.normalizer.uses_worker(count):
+    def _items(self, raws: Sequence[bytes]) -> list[bytes]:
+        """The batch without its blank items; with `auto`, says when the batch is about to start
+        the worker (the collector is behind)."""
+        items = [raw for raw in raws if raw and raw.strip()]
+        if self.on_demand and not self.normalizer.running and self.normalizer.uses_worker(len(items)):
             logger.info("%s: starting a normalize worker: a group of %d items, the collector is behind its queue",
-                        self.instance, count)
+                        self.instance, len(items))
+        return items
 
     def usage_prepared(self, pending: Pending) -> InsertResult:
         """Store a prepared batch, as `usage` would (the normalized items are kept for a retry)."""
