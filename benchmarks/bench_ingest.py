@@ -178,7 +178,7 @@ def bench_collector(raws: list[bytes], workdir: str, batch: int, timeout_s: floa
         base = _count(db)
         settings = Settings.from_env({}, db=db, cpa_url=f"http://127.0.0.1:{port}", cpa_management_key=PASSWORD,
                                      collector_mode="resp", batch_size=batch, commit_max=commit_max, poll_interval_ms=200,
-                                     normalize_workers=str(workers),
+                                     normalize_workers=workers,
                                      # the payloads lie in the past: the default 30-day retention's
                                      # first tick could delete what the first group stored
                                      retention_days=36500, log_level="WARNING")
