@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -134,6 +136,38 @@ def test_a_worker_ignores_sigint_and_stops_with_its_pool(pool):
     assert all(same(a, b) for a, b in zip(again, first))
     pool.close()
     assert process.exitcode == 0  # ended by the shutdown, not by the signal
+
+
+CONSOLE_LIKE_SCRIPT = """
+import sys
+from datasource.cli import cli  # all the cpa-monitor console script imports; spawn runs it again in the worker
+
+
+def loaded():
+    return sorted(sys.modules)
+
+
+if __name__ == "__main__":
+    from datasource.parallel import NormalizePool
+    pool = NormalizePool(1, "east")
+    try:
+        print(" ".join(pool._executor().submit(loaded).result(timeout=60)))
+    finally:
+        pool.close()
+"""
+
+
+def test_a_worker_started_under_the_console_script_loads_no_web_or_queue_library(tmp_path):
+    """spawn re-runs the parent's main script in the worker: for `cpa-monitor` that must stay light."""
+    script = tmp_path / "console_like.py"
+    script.write_text(CONSOLE_LIKE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    modules = set(done.stdout.split())
+    assert {"__mp_main__", "datasource.cli", "datasource.normalize"} <= modules  # the script and the worker's code
+    heavy = {"flask", "werkzeug", "gunicorn", "redis", "apsw", "datasource.store", "datasource.collector"}
+    assert modules & heavy == set()
 
 
 def test_bad_arguments_are_refused():
