@@ -144,6 +144,18 @@ class Publisher(threading.Thread):
             self.stop.wait(0.1)
 
 
+def serve_command() -> list[str]:
+    """`cpa-monitor serve` through the installed console script, as the Docker image runs it.
+
+    Not `python -m datasource`: a spawned normalize worker runs the parent's main script again,
+    and spawn skips that for a `-m` package's __main__, so the two start different workers."""
+    script = Path(sys.executable).with_name("cpa-monitor")
+    if script.is_file():
+        return [str(script), "serve"]
+    print(f"note: no console script at {script}; running python -m datasource serve", file=sys.stderr)
+    return [sys.executable, "-m", "datasource", "serve"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True, help="a dataset COPY: the collector stores the backlog in it")
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                    # the dataset lies in the past: the default 30-day retention would prune it
                    # (10 M deletes on the collector's first tick) while the rounds run
                    CPA_MONITOR_RETENTION_DAYS="36500")
-        serve = subprocess.Popen([sys.executable, "-m", "datasource", "serve"], env=env, cwd=str(ROOT),
+        serve = subprocess.Popen(serve_command(), env=env, cwd=str(ROOT),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60
