@@ -847,8 +847,20 @@ CREATE INDEX events_request_hour ON events(ts_ms / 3600000, request_id) WHERE re
 CREATE INDEX events_trace_hour ON events(ts_ms / 3600000, trace_id) WHERE trace_id IS NOT NULL;
 """
 
+def _v12(conn: apsw.Connection) -> None:
+    """Step 12: low-cardinality text columns of events stored once (datasource/interned.py).
+
+    The rows move to `event_rows`, whose label columns hold ids into `event_strings`; `events`
+    becomes a view with the same columns and values, so readers are unchanged. One pass over the
+    stored rows in the migration's transaction; the indexes keep their names and statistics.
+    """
+    from datasource import interned
+
+    interned.convert(conn)
+
+
 MIGRATIONS: list[str | Callable[[apsw.Connection], None]] = [
-    _V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8, _v9, _V10, _v11]
+    _V1, _V2, _V3, _v4, _V5, _v6, _v7, _v8, _v9, _V10, _v11, _v12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+from datasource.interned import ID_PREFIX, INTERNED, STRINGS
 from datasource.model import BadRequest, Clause
 
 FILTER_KEYS: tuple[str, ...] = (
@@ -292,11 +293,14 @@ def clauses_from_adhoc(filters: Any) -> tuple[Clause, ...]:
 # --- SQL -------------------------------------------------------------------------
 
 
-def _in_list(columns: tuple[str, ...], values: tuple[str, ...], params: list[Any]) -> str:
+def _in_list(columns: tuple[str, ...], values: tuple[str, ...], params: list[Any], interned: bool = False) -> str:
     parts = []
     for column in columns:
         params.append(json.dumps(list(values)))
-        parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
+        if interned and column in INTERNED and "" not in values:  # the labels' ids: index-friendly
+            parts.append(f"{ID_PREFIX}{column} IN (SELECT id FROM {STRINGS} WHERE v IN (SELECT value FROM json_each(?)))")
+        else:
+            parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
     return "(" + " OR ".join(parts) + ")"
 
 
@@ -316,12 +320,15 @@ def _status_sql(values: tuple[str, ...], params: list[Any], code: str = "status_
     return "(" + " OR ".join(parts) + ")"
 
 
-def _search_sql(text: str, params: list[Any]) -> str:
+def _search_sql(text: str, params: list[Any], interned: bool = False) -> str:
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     parts = []
     for column in SEARCH_COLUMNS:
         params.append(f"%{escaped}%")
-        parts.append(f"{column} LIKE ? ESCAPE '\\'")
+        if interned and column in INTERNED:  # LIKE over the few hundred labels, not every row
+            parts.append(f"{ID_PREFIX}{column} IN (SELECT id FROM {STRINGS} WHERE v LIKE ? ESCAPE '\\')")
+        else:
+            parts.append(f"{column} LIKE ? ESCAPE '\\'")
     return "(" + " OR ".join(parts) + ")"
 
 
@@ -351,7 +358,8 @@ SearchIds = Callable[[str, tuple[int, int]], "str | None"]
 
 
 def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params: list[Any],
-                  span: tuple[int, int] | None = None, search_ids: SearchIds | None = None) -> str:
+                  span: tuple[int, int] | None = None, search_ids: SearchIds | None = None,
+                  interned: bool = False) -> str:
     key, op = clause.key, clause.op
     if key in NUMERIC_KEYS:
         default_op = ">=" if key == "min_latency_ms" else "<="
@@ -362,13 +370,18 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
         if ids is not None:  # the same rows within the caller's window, found by one shared scan
             params.append(ids)
             return "(id IN (SELECT value FROM json_each(?)))"
-        return _search_sql(clause.values[0], params)
+        return _search_sql(clause.values[0], params, interned)
     cols = columns[key]
     if op in ("=~", "!~"):
         parts = []
         for column in cols:
             params.append(clause.values[0])
-            parts.append(f"coalesce({column}, '') REGEXP ?")
+            if interned and column in INTERNED:  # the pattern runs over the labels, not every row
+                params.append(clause.values[0])
+                parts.append(f"({ID_PREFIX}{column} IN (SELECT id FROM {STRINGS} WHERE v REGEXP ?) "
+                             f"OR ({ID_PREFIX}{column} IS NULL AND '' REGEXP ?))")
+            else:
+                parts.append(f"coalesce({column}, '') REGEXP ?")
         return "(" + " OR ".join(parts) + ")"
     code = ROLLUP_STATUS_CODE if columns is ROLLUP_COLUMNS else "status_code"
     if key == "status" and op in ("<", ">"):
@@ -382,12 +395,12 @@ def _positive_sql(clause: Clause, columns: Mapping[str, tuple[str, ...]], params
         sql = _trace_sql(clause.values, span, params)
         if sql is not None:
             return sql
-    return _in_list(cols, clause.values, params)
+    return _in_list(cols, clause.values, params, interned)
 
 
 def where_sql(
     clauses: Iterable[Clause], columns: Mapping[str, tuple[str, ...]] = EVENT_COLUMNS,
-    span: tuple[int, int] | None = None, search_ids: SearchIds | None = None,
+    span: tuple[int, int] | None = None, search_ids: SearchIds | None = None, *, interned: bool = False,
 ) -> tuple[str, list[Any]]:
     """Clauses -> (`a AND b ...`, params). Keys a table lacks (absent from `columns`) are skipped.
 
@@ -395,6 +408,9 @@ def where_sql(
     `span` is the caller's `ts_ms >= from AND ts_ms < to` window, when it ANDs one with the
     fragment: trace ids are then looked up through their indexes instead of by scanning it, and
     `search_ids` (when given) may answer a search with the ids of the window's matching events.
+    `interned=True` (for a read of the `events` view only, not of rows shaped like it): label
+    columns are matched through their ids (`lid_<column>`, datasource/interned.py), so the
+    label indexes serve equality and a pattern or search runs over the labels, not every row.
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -402,7 +418,8 @@ def where_sql(
         events_only = clause.key in NUMERIC_KEYS or clause.key == "search"
         if (events_only and columns is not EVENT_COLUMNS) or (not events_only and clause.key not in columns):
             continue
-        sql = _positive_sql(clause, columns, params, span, search_ids if columns is EVENT_COLUMNS else None)
+        sql = _positive_sql(clause, columns, params, span, search_ids if columns is EVENT_COLUMNS else None,
+                            interned and columns is EVENT_COLUMNS)
         parts.append(f"NOT coalesce({sql}, 0)" if clause.op in ("!=", "!~") else sql)
     return (" AND ".join(parts) or "1"), params
 

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from datasource import filters
+from datasource.interned import labels_id_sql, text_of
 from datasource.model import Frame
 from datasource.query_common import Ctx, payload_int, sort_rows, table_frame
 
@@ -32,16 +33,18 @@ EVIDENCE_CHARS = 500
 # events_action_ts (schema step 9; no table row read), then the newest event of each group by
 # one seek (its label, provider, auth file, status, evidence). Was: window functions over every
 # column of every action event in the window, 6.5 s at 30 d on the 10 M dataset (336 k rows).
-EVENT_ACTIONS_SQL = """
-WITH g AS (SELECT instance AS g_inst, account_key AS g_key, action AS g_action,
-                  coalesce(action_reason, action) AS g_reason, max(ts_ms) AS g_last, min(ts_ms) AS g_first,
-                  count(*) AS g_hits, max(quota_recover_at_ms) AS g_recover
-           FROM events WHERE {where} AND failed = 1 AND action IS NOT NULL GROUP BY 1, 2, 3, 4)
-SELECT g_inst, g_key, g_action, g_reason, g_last, g_first, g_hits, e.account, e.provider, e.auth_file,
-       e.status_code, e.fail_summary, e.action_detail, g_recover
+# Grouped and sought by label ids (`lid_`, datasource/interned.py): the index holds ids, and its
+# condition `action IS NOT NULL` applies only when written on the id.
+EVENT_ACTIONS_SQL = f"""
+WITH g AS (SELECT lid_instance AS g_inst, lid_account_key AS g_key, lid_action AS g_action,
+                  coalesce(lid_action_reason, lid_action) AS g_reason, max(ts_ms) AS g_last,
+                  min(ts_ms) AS g_first, count(*) AS g_hits, max(quota_recover_at_ms) AS g_recover
+           FROM events WHERE {{where}} AND failed = 1 AND lid_action IS NOT NULL GROUP BY 1, 2, 3, 4)
+SELECT {text_of("g_inst")}, {text_of("g_key")}, {text_of("g_action")}, {text_of("g_reason")}, g_last, g_first,
+       g_hits, e.account, e.provider, e.auth_file, e.status_code, e.fail_summary, e.action_detail, g_recover
 FROM g JOIN events e ON e.id = (
-    SELECT id FROM events WHERE {where} AND failed = 1 AND action IS NOT NULL AND instance = g_inst
-      AND account_key = g_key AND action = g_action AND coalesce(action_reason, action) = g_reason
+    SELECT id FROM events WHERE {{where}} AND failed = 1 AND lid_action IS NOT NULL AND lid_instance = g_inst
+      AND lid_account_key = g_key AND lid_action = g_action AND coalesce(lid_action_reason, lid_action) = g_reason
       AND ts_ms = g_last ORDER BY id DESC LIMIT 1)
 """
 CREDENTIAL_WINDOW_SQL = """
@@ -60,9 +63,9 @@ FROM (SELECT *, min(ts_ms) OVER w AS first_ts, count(*) OVER w AS hits,
       WINDOW w AS (PARTITION BY instance, account_key, action, reason))
 GROUP BY 1, 2, 3, 4
 """
-ACCOUNT_INFO_SQL = """
+ACCOUNT_INFO_SQL = f"""
 SELECT instance, account_key, max(ts_ms), account, provider, auth_file
-FROM events WHERE account_key IN (SELECT value FROM json_each(?)) GROUP BY 1, 2
+FROM events WHERE lid_account_key IN {labels_id_sql()} GROUP BY lid_instance, lid_account_key
 """
 
 

@@ -28,7 +28,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from datasource import filters, rollup, sketch
+from datasource import filters, interned, rollup, sketch
 from datasource.flights import Flights
 from datasource.model import Clause
 from datasource.sketch import Sketch
@@ -183,14 +183,15 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
             dims.add(column)
             parts.append(f"{column} IN (SELECT value FROM json_each(?))")
             params.append(json.dumps(keys))
+            # on the events view, through the key column's label ids (interned.py): the key indexes apply
             if column == "api_key_hash" and "" in keys:
                 raw_parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
                 raw_params.append(json.dumps(keys))
             elif len(keys) == 1:
-                raw_parts.append(f"{column} = ?")
+                raw_parts.append(f"{interned.ID_PREFIX}{column} = {interned.label_id_sql()}")
                 raw_params.append(keys[0])
             else:
-                raw_parts.append(f"{column} IN (SELECT value FROM json_each(?))")
+                raw_parts.append(f"{interned.ID_PREFIX}{column} IN {interned.labels_id_sql()}")
                 raw_params.append(json.dumps(keys))
             continue
         if key == "cache":
@@ -206,7 +207,7 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
         sql, p = filters.where_sql([clause], filters.ROLLUP_COLUMNS)
         parts.append(sql)
         params.extend(p)
-        sql, p = filters.where_sql([clause])
+        sql, p = filters.where_sql([clause], interned=True)
         raw_parts.append(sql)
         raw_params.extend(p)
     return Translation(" AND ".join(parts) or "1", tuple(params), frozenset(dims),
@@ -231,7 +232,8 @@ class Plan:
         if piece.table == RAW:
             if self.translation is None:
                 resolve = None if self.conn is None else (lambda text, span: search_ids(self.conn, text, span))
-                sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms), search_ids=resolve)
+                sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms), search_ids=resolve,
+                                                interned=True)
             else:
                 sql, params = self.translation.raw_sql, list(self.translation.raw_params)
             return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [piece.from_ms, piece.to_ms, *params]
@@ -338,6 +340,14 @@ GROUPS: dict[str, tuple[str, str]] = {
 }
 
 
+def key_equals_sql(column: str) -> str:
+    """`<key column> = ?` for one key other than '' on the events view: through the label's id
+    (`lid_`, datasource/interned.py), so events(key, ts_ms) serves it as one index seek."""
+    if column in interned.INTERNED:
+        return f"{interned.ID_PREFIX}{column} = {interned.label_id_sql()}"
+    return f"{GROUPS[column][0]} = ?"
+
+
 def empty(measures: Sequence[str] = ALL) -> list[Any]:
     return [None if m in MAXES else 0 for m in measures]
 
@@ -439,7 +449,7 @@ def search_ids(conn: Any, text: str, span: tuple[int, int]) -> str | None:
             return hit[1]
 
     def scan() -> str | None:
-        like, params = filters.where_sql([Clause("search", "=", (text,))])
+        like, params = filters.where_sql([Clause("search", "=", (text,))], interned=True)
         # Read the table in id order between the window's lowest and highest id (ids follow
         # arrival, so a window's events are one stretch of the table), not row by row through
         # events_ts: 242 against 700-890 ms a day at 10 M events. Only when the stretch is at
@@ -449,7 +459,9 @@ def search_ids(conn: Any, text: str, span: tuple[int, int]) -> str | None:
         if not count:
             return "[]"
         if last - first + 1 <= 2 * count:
-            sql = ("SELECT id FROM events NOT INDEXED WHERE id >= ? AND id <= ? AND ts_ms >= ? AND ts_ms < ? "
+            # +ts_ms: no index for the time terms, so the rows are read by id (NOT INDEXED
+            # cannot be said of a view)
+            sql = ("SELECT id FROM events WHERE id >= ? AND id <= ? AND +ts_ms >= ? AND +ts_ms < ? "
                    f"AND {like} LIMIT ?")
             args: tuple = (first, last, *span, *params, SEARCH_IDS_MAX + 1)
         else:
@@ -736,7 +748,7 @@ class Reader:
                 dim = LABELS[column][0]
                 candidates = [r[0] for r in self.conn.execute(
                     "SELECT DISTINCT key FROM rollup_aliases WHERE dim = ?", (dim,)) if r[0] not in (skip, "")]
-            sql = f"SELECT 1 FROM events WHERE {where} AND {column} = ? LIMIT 1"
+            sql = f"SELECT 1 FROM events WHERE {where} AND {key_equals_sql(column)} LIMIT 1"
             for key in candidates:
                 if key not in found and self.conn.execute(sql, (*params, key)).fetchone():
                     found.add(key)
@@ -899,8 +911,9 @@ def labels(reader: Reader, column: str, keys: Iterable[str], from_ms: int, to_ms
     ambiguous += [k for k in wanted if k not in out and k not in ambiguous]
     if ambiguous:
         where, params = reader.raw_where(from_ms, to_ms)
-        expr = GROUPS[column][0]
-        sql = f"SELECT max({label_col}) FROM events WHERE {where} AND {expr} = ?"
-        for key in ambiguous:
+        by_id = f"SELECT max({label_col}) FROM events WHERE {where} AND {key_equals_sql(column)}"
+        by_text = f"SELECT max({label_col}) FROM events WHERE {where} AND {GROUPS[column][0]} = ?"
+        for key in ambiguous:  # '' stands for NULL too (GROUPS' coalesce): no label id for it
+            sql = by_text if key == "" else by_id
             out[key] = reader.conn.execute(sql, (*params, key)).fetchone()[0]
     return out

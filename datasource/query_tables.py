@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from datasource import rollup
+from datasource.interned import ROWS, label_id_sql
 from datasource.model import Frame
 from datasource.query_plan import (
     GROUPS, IDX, RAW, RAW_EXPR, ROLLUP_EXPR, Plan, add_into, cost_usd, empty, labels, sets_complete_from,
@@ -42,26 +43,33 @@ ACCOUNT_SORTS = {
 # subquery per account inside SQLite instead of ~300 statements through Python): the accounts
 # come as a JSON array of [instance, account key, time] (k_ names: events has a `ts` column).
 _ACCOUNT_KEYS = "WITH k(k_inst, k_key, k_ts) AS (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?))"
-NEWEST_SQL = _ACCOUNT_KEYS + """
+# The seeks compare label ids (`lid_`, datasource/interned.py): a text comparison through the
+# events view cannot use an index.
+_K_INST, _K_KEY = label_id_sql("k_inst"), label_id_sql("k_key")
+NEWEST_SQL = _ACCOUNT_KEYS + f"""
 SELECT k_inst, k_key, e.account, e.provider, e.auth_file, e.project_id, e.auth_index FROM k
-JOIN events e ON e.id = (SELECT id FROM events WHERE {where} AND instance = k_inst AND account_key = k_key
-                         AND ts_ms = k_ts ORDER BY id DESC LIMIT 1)
+JOIN events e ON e.id = (SELECT id FROM events WHERE {{where}} AND lid_instance = {_K_INST}
+                         AND lid_account_key = {_K_KEY} AND ts_ms = k_ts ORDER BY id DESC LIMIT 1)
 """
-LAST_FAILURE_SQL = _ACCOUNT_KEYS + """
+LAST_FAILURE_SQL = _ACCOUNT_KEYS + f"""
 SELECT k_inst, k_key, e.status_code, e.fail_summary FROM k
-JOIN events e ON e.id = (SELECT id FROM events WHERE {where} AND instance = k_inst AND account_key = k_key
-                         AND ts_ms = k_ts AND failed = 1 ORDER BY id DESC LIMIT 1)
+JOIN events e ON e.id = (SELECT id FROM events WHERE {{where}} AND lid_instance = {_K_INST}
+                         AND lid_account_key = {_K_KEY} AND ts_ms = k_ts AND failed = 1 ORDER BY id DESC LIMIT 1)
 """
 # INDEXED BY: SQLite's planner picks events_account_ts (same key columns) and then walks every
 # event of the account in the window to find one with quota headers: 438 ms for 99 accounts at
 # 30 d on the 10 M dataset, against 2 ms through the partial index (its WHERE is repeated below
-# verbatim, so the index always applies).
-QUOTA_SQL = _ACCOUNT_KEYS + """
+# verbatim, so the index always applies). INDEXED BY names a table, so this seek reads
+# event_rows and checks the filters on the view for the row it stops at (EXISTS; the window's
+# two parameters are passed once more for the seek itself).
+QUOTA_SQL = _ACCOUNT_KEYS + f"""
 SELECT k_inst, k_key, e.quota_plan, e.quota_used_pct, e.quota_recover_at_ms FROM k
-JOIN events e ON e.id = (SELECT id FROM events INDEXED BY events_quota_account_ts
-                         WHERE {where} AND instance = k_inst AND account_key = k_key
+JOIN events e ON e.id = (SELECT r.id FROM {ROWS} r INDEXED BY events_quota_account_ts
+                         WHERE r.instance = {_K_INST} AND r.account_key = {_K_KEY}
                            AND (quota_plan IS NOT NULL OR quota_used_pct IS NOT NULL OR quota_recover_at_ms IS NOT NULL)
-                         ORDER BY ts_ms DESC, id DESC LIMIT 1)
+                           AND r.ts_ms >= ? AND r.ts_ms < ?
+                           AND EXISTS (SELECT 1 FROM events f WHERE f.id = r.id AND {{where}})
+                         ORDER BY r.ts_ms DESC, r.id DESC LIMIT 1)
 """
 FAILURE_TYPES_SQL = """
 SELECT instance, account_key, failure_type, count(*)
@@ -116,7 +124,7 @@ def _account_rows(ctx: Ctx) -> list[dict[str, Any]]:
     newest = _seek(ctx, NEWEST_SQL, where, params, [[i, k, v[IDX["last_ms"]]] for (i, k), v in sums.items()])
     last_failures = _seek(ctx, LAST_FAILURE_SQL, where, params, [
         [i, k, v[IDX["last_failure_ms"]]] for (i, k), v in sums.items() if v[IDX["last_failure_ms"]] is not None])
-    quotas = _seek(ctx, QUOTA_SQL, where, params, [[i, k, None] for i, k in sums])
+    quotas = _seek(ctx, QUOTA_SQL, where, [spec.from_ms, spec.to_ms, *params], [[i, k, None] for i, k in sums])
     rows = []
     for (inst, key), v in sums.items():
         n, failed = v[IDX["requests"]], v[IDX["failures"]]

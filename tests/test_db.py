@@ -154,9 +154,9 @@ def test_stale_statistics_lists_each_index_and_analyze_refreshes_it(db_path):
     try:
         assert _stat(conn, "events_ts") is None
         stale = stale_statistics(conn)
-        event_indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+        event_indexes = {row[1] for row in conn.execute("PRAGMA index_list(event_rows)")}  # schema step 12
         assert len(event_indexes) == 9 and event_indexes <= set(stale)
-        assert "events" not in stale  # split into its indexes: one short write lock each
+        assert "event_rows" not in stale  # split into its indexes: one short write lock each
         assert "sqlite_autoindex_event_ledger_1" in stale and "event_private" in stale
         for name in stale:
             analyze(conn, name)
@@ -210,11 +210,12 @@ def test_a_reader_reopens_once_the_collector_marked_new_statistics(db_path, monk
     store_events(db_path, 0, 40, optimize=False)
     readers = Readers(db_path)
     first = readers.get()
-    q = "EXPLAIN QUERY PLAN SELECT id FROM events WHERE account_key = ? AND ts_ms > ?"
+    q = ("EXPLAIN QUERY PLAN SELECT id FROM events "
+         "WHERE lid_account_key = (SELECT id FROM event_strings WHERE v = ?) AND ts_ms > ?")
     before = first.execute(q, ("x", 0)).fetchall()
     version = first.pragma("schema_version")
     writer = open_database(db_path, optimize=False)
-    writer.execute("ANALYZE events")  # one account for all 40 rows: its index is no help now
+    writer.execute("ANALYZE event_rows")  # one account for all 40 rows: its index is no help now
     monkeypatch.setattr(db_module, "STATISTICS_RECHECK_S", 0.0)
     readers._local.recheck = 0.0
     assert readers.get() is first and first.pragma("schema_version") == version

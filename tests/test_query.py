@@ -430,7 +430,8 @@ def test_account_quota_seek_uses_the_partial_quota_index(db, where):
     sql = QUOTA_SQL.format(where=where)
     # one statement for every account: [instance, account key, unused time] per account
     accounts = json.dumps([["default", A, None], ["default", "no-such-account", None]])
-    params = [accounts, T10, T10 + 60 * MIN, *(["codex"] if "provider" in where else [])]
+    # the window twice: the seek on event_rows, then the filters' own (checked on the view)
+    params = [accounts, T10, T10 + 60 * MIN, T10, T10 + 60 * MIN, *(["codex"] if "provider" in where else [])]
     db.execute("ANALYZE")
     plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "USING INDEX events_quota_account_ts" in plan

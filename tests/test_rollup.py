@@ -270,12 +270,41 @@ def test_hand_computed_five_minutes(conn):
     assert conn.execute("SELECT bucket_ms, requests FROM rollup_account_latency_hour").fetchall() == [(T0, 3)]
 
 
+def undo_step_12(conn) -> None:
+    """The events table of schema step 11 again, holding the view's rows (labels as text), with
+    step 11's indexes and an event_private that refers to it."""
+    import apsw
+    from datasource.db import MIGRATIONS
+
+    ref = apsw.Connection(":memory:")
+    for step in MIGRATIONS[:11]:
+        step(ref) if callable(step) else ref.execute(step)
+    table_sql, private_sql = (ref.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).get
+                              for name in ("events", "event_private"))
+    index_sqls = [r[0] for r in ref.execute(
+        "SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events' AND sql IS NOT NULL")]
+    columns = ", ".join(r[1] for r in ref.execute("PRAGMA table_info(events)"))
+    ref.close()
+    conn.execute(f"CREATE TEMP TABLE old_events AS SELECT {columns} FROM events")
+    conn.execute("CREATE TEMP TABLE old_private AS SELECT * FROM event_private")
+    conn.execute("DROP TABLE event_private; DROP VIEW events; DROP TABLE event_rows; DROP TABLE event_strings")
+    conn.execute(table_sql)
+    for sql in index_sqls:
+        conn.execute(sql)
+    conn.execute(f"INSERT INTO events({columns}) SELECT {columns} FROM temp.old_events")
+    conn.execute(private_sql)
+    conn.execute("INSERT INTO event_private SELECT * FROM temp.old_private")
+    conn.execute("DROP TABLE temp.old_events; DROP TABLE temp.old_private")
+
+
 def remigrate_from(conn, step: int) -> None:
     """Drop the rollup tables of the schema steps after `step`, set the schema back to `step` and
     migrate (their backfills run)."""
     from datasource.db import SCHEMA_VERSION, migrate
 
     with conn:
+        if step < 12:
+            undo_step_12(conn)
         for later, tables in rollup.STEP_TABLES.items():
             if later > step:
                 for table in tables:

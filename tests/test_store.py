@@ -303,7 +303,7 @@ def test_step_11_keys_the_request_and_trace_id_indexes_by_hour(tmp_path):
     assert store.insert_batch(old, batch, origin="test").inserted == 3
     assert migrate(old) == SCHEMA_VERSION >= 11
     indexes = {name: sql for name, sql in old.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event_rows'")}  # step 12
     assert "events_request_id" not in indexes and "events_trace_id" not in indexes
     assert "(ts_ms / 3600000, request_id) WHERE request_id IS NOT NULL" in indexes["events_request_hour"]
     assert "(ts_ms / 3600000, trace_id) WHERE trace_id IS NOT NULL" in indexes["events_trace_hour"]
@@ -311,9 +311,9 @@ def test_step_11_keys_the_request_and_trace_id_indexes_by_hour(tmp_path):
     stats = dict(old.execute("SELECT idx, stat FROM sqlite_stat1 WHERE idx LIKE 'events_%_hour'"))
     assert stats["events_request_hour"].split()[0] == "2" and stats["events_trace_hour"].split()[0] == "2"
     # each id is found in its hour: (hour, id) pairs, in key order
-    assert old.execute("SELECT ts_ms / 3600000, request_id FROM events INDEXED BY events_request_hour "
+    assert old.execute("SELECT ts_ms / 3600000, request_id FROM event_rows INDEXED BY events_request_hour "
                        "WHERE request_id IS NOT NULL ORDER BY 1, 2").fetchall() == [(5, "q1"), (5, "q2")]
-    assert old.execute("SELECT ts_ms / 3600000, trace_id FROM events INDEXED BY events_trace_hour "
+    assert old.execute("SELECT ts_ms / 3600000, trace_id FROM event_rows INDEXED BY events_trace_hour "
                        "WHERE trace_id IS NOT NULL ORDER BY 1, 2").fetchall() == [(5, "t1"), (6, "t3")]
     old.close()
 
