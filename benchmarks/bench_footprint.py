@@ -6,8 +6,8 @@
 Bytes come from SQLite's dbstat table (pages in use, after a WAL checkpoint). RSS is
 read from /proc for the gunicorn `cpa-monitor serve` process tree, idle and after
 one refresh of every dashboard at 30 d (benchmarks.bench_query's requests). `--columns N`
-adds what each events column stores, in bytes per row, over N consecutive rows from the middle
-of the file (integers at SQLite's record sizes, 0 and 1 free; text and BLOBs at their length; NULL
+adds what each events column stores (in event_rows since schema step 12: labels as ids), in
+bytes per row, over N consecutive rows from the middle of the file (integers at SQLite's record sizes, 0 and 1 free; text and BLOBs at their length; NULL
 free), plus the record header (a type byte per column).
 """
 
@@ -26,15 +26,23 @@ import apsw
 from benchmarks import bench_memory, bench_query
 
 
-def table_bytes(db: str) -> tuple[int, list[tuple[str, int]]]:
+def table_bytes(db: str) -> tuple[int, list[tuple[str, int]], int]:
+    """(events, [(table or index, bytes in its pages)] largest first, bytes of free pages)."""
     conn = apsw.Connection(db)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
         sizes = conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall()
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
     finally:
         conn.close()
-    return events, [(name, size) for name, size in sizes]
+    return events, [(name, size) for name, size in sizes], free
+
+
+def _rows_table(conn: apsw.Connection) -> str:
+    """The table that stores the events rows: event_rows since schema step 12 (labels as ids)."""
+    found = conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'event_rows'").fetchone()
+    return "event_rows" if found else "events"
 
 
 def _int_bytes(value: int) -> int:
@@ -53,12 +61,13 @@ def column_bytes(db: str, rows: int) -> tuple[int, float, list[tuple[str, float]
     events from the middle of the file."""
     conn = apsw.Connection(f"file:{db}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     try:
-        names = [row[1] for row in conn.execute("SELECT * FROM pragma_table_info('events')")]
-        first = conn.execute("SELECT coalesce(max(id), 0) / 2 FROM events").fetchone()[0]
+        table = _rows_table(conn)
+        names = [row[1] for row in conn.execute("SELECT * FROM pragma_table_info(?)", (table,))]
+        first = conn.execute(f"SELECT coalesce(max(id), 0) / 2 FROM {table}").fetchone()[0]
         totals = [0] * len(names)
         header = 0  # a type varint per column (two bytes for text or BLOBs of 57 bytes and more)
         seen = 0
-        for seen, row in enumerate(conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?",
+        for seen, row in enumerate(conn.execute(f"SELECT * FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
                                                 (first, rows)), 1):
             for i, value in enumerate(row):
                 header += 2 if isinstance(value, (str, bytes)) and len(value) >= 57 else 1
@@ -90,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print the stored bytes per events column over N rows")
     parser.add_argument("--no-rss", action="store_true", help="skip starting the service")
     args = parser.parse_args(argv)
-    events, sizes = table_bytes(args.db)
+    events, sizes, free = table_bytes(args.db)
     file_bytes = os.path.getsize(args.db)
+    used = sum(size for _, size in sizes)
     print(f"{args.db}: {events} events, file {file_bytes / 1e6:.1f} MB = {file_bytes / max(events, 1):.0f} bytes/event")
+    print(f"  pages in use {used / 1e6:.1f} MB = {used / max(events, 1):.1f} bytes/event; "
+          f"free pages {free / 1e6:.1f} MB (VACUUM returns them to the filesystem)")
     for name, size in sizes:
         if size >= file_bytes * 0.005:
             print(f"  {name:<32}{size / 1e6:9.1f} MB {size / max(events, 1):8.1f} bytes/event")

@@ -133,6 +133,9 @@ class Translation:
     dims: frozenset[str]
     raw_sql: str
     raw_params: tuple[Any, ...]
+    # raw_sql with the key columns' terms written `+lid_x`: the same rows, but the planner may not
+    # seek the key indexes for them (Plan.where(..., key_indexes=False))
+    raw_scan_sql: str = ""
 
 
 def _status_dims(clause: Clause) -> set[str]:
@@ -170,6 +173,7 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
     params: list[Any] = []
     raw_parts: list[str] = []
     raw_params: list[Any] = []
+    scan_parts: list[str] = []
     dims: set[str] = set()
     for clause in clauses:
         key = clause.key
@@ -183,16 +187,22 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
             dims.add(column)
             parts.append(f"{column} IN (SELECT value FROM json_each(?))")
             params.append(json.dumps(keys))
-            # on the events view, through the key column's label ids (interned.py): the key indexes apply
+            # on the events view, the key column's label ids (interned.py), bound: the key indexes
+            # apply, weighed with their statistics. A key without an id was never stored in events.
             if column == "api_key_hash" and "" in keys:
                 raw_parts.append(f"coalesce({column}, '') IN (SELECT value FROM json_each(?))")
+                scan_parts.append(raw_parts[-1])
                 raw_params.append(json.dumps(keys))
-            elif len(keys) == 1:
-                raw_parts.append(f"{interned.ID_PREFIX}{column} = {interned.label_id_sql()}")
-                raw_params.append(keys[0])
+                continue
+            ids = interned.lookup(conn, keys)
+            found = sorted(ids[k] for k in keys if k in ids)
+            if len(found) == 1:
+                term, value = "= ?", found[0]
             else:
-                raw_parts.append(f"{interned.ID_PREFIX}{column} IN {interned.labels_id_sql()}")
-                raw_params.append(json.dumps(keys))
+                term, value = "IN (SELECT value FROM json_each(?))", json.dumps(found)
+            raw_parts.append(f"{interned.ID_PREFIX}{column} {term}")
+            scan_parts.append(f"+{interned.ID_PREFIX}{column} {term}")
+            raw_params.append(value)
             continue
         if key == "cache":
             if clause.op not in ("=~", "!~") and any(v.lower() in ("read", "creation") for v in clause.values):
@@ -209,9 +219,10 @@ def translate(conn: Any, clauses: Iterable[Clause]) -> Translation | None:
         params.extend(p)
         sql, p = filters.where_sql([clause], interned=True)
         raw_parts.append(sql)
+        scan_parts.append(sql)
         raw_params.extend(p)
     return Translation(" AND ".join(parts) or "1", tuple(params), frozenset(dims),
-                       " AND ".join(raw_parts) or "1", tuple(raw_params))
+                       " AND ".join(raw_parts) or "1", tuple(raw_params), " AND ".join(scan_parts) or "1")
 
 
 # --- plans ----------------------------------------------------------------------------
@@ -227,15 +238,18 @@ class Plan:
     def uses_rollups(self) -> bool:
         return any(p.table != RAW for p in self.pieces)
 
-    def where(self, piece: Piece, clauses: Iterable[Clause]) -> tuple[str, list[Any]]:
-        """WHERE text and parameters for one piece (rollup bucket range or events ts range)."""
+    def where(self, piece: Piece, clauses: Iterable[Clause], key_indexes: bool = True) -> tuple[str, list[Any]]:
+        """WHERE text and parameters for one piece (rollup bucket range or events ts range).
+        `key_indexes=False`: the raw form without seeks on the key indexes (account, model, key,
+        provider), for a read a time-keyed index serves better."""
         if piece.table == RAW:
             if self.translation is None:
                 resolve = None if self.conn is None else (lambda text, span: search_ids(self.conn, text, span))
                 sql, params = filters.where_sql(clauses, span=(piece.from_ms, piece.to_ms), search_ids=resolve,
                                                 interned=True)
             else:
-                sql, params = self.translation.raw_sql, list(self.translation.raw_params)
+                sql = self.translation.raw_sql if key_indexes else self.translation.raw_scan_sql
+                params = list(self.translation.raw_params)
             return f"ts_ms >= ? AND ts_ms < ? AND {sql}", [piece.from_ms, piece.to_ms, *params]
         assert self.translation is not None
         return (f"bucket_ms >= ? AND bucket_ms < ? AND {self.translation.sql}",
@@ -313,7 +327,8 @@ ALL = SUMS + MAXES
 IDX = {name: i for i, name in enumerate(ALL)}
 _RAW_SUM = {
     "requests": "count(*)", "successes": "sum(failed = 0)", "failures": "sum(failed)",
-    "unusual": "sum(status_class = 'unusual')",
+    # the label's id, found once per statement: a text comparison would look the label up per row
+    "unusual": f"sum({interned.ID_PREFIX}status_class IS {interned.label_id_sql(repr('unusual'))})",
     "cost_nusd": "sum(CAST(round(est_cost_usd * 1e9) AS INTEGER))",
     "latency_sum_ms": "sum(CASE WHEN latency_ms > 0 THEN latency_ms ELSE 0 END)",
     "latency_samples": "sum(latency_ms > 0)",
@@ -341,11 +356,20 @@ GROUPS: dict[str, tuple[str, str]] = {
 
 
 def key_equals_sql(column: str) -> str:
-    """`<key column> = ?` for one key other than '' on the events view: through the label's id
-    (`lid_`, datasource/interned.py), so events(key, ts_ms) serves it as one index seek."""
+    """`<key column> = ?` for one key other than '' on the events view, bound to the value
+    `key_ids` gives: the label's id (`lid_`, datasource/interned.py), so events(key, ts_ms)
+    serves it as one index seek."""
     if column in interned.INTERNED:
-        return f"{interned.ID_PREFIX}{column} = {interned.label_id_sql()}"
+        return f"{interned.ID_PREFIX}{column} = ?"
     return f"{GROUPS[column][0]} = ?"
+
+
+def key_ids(conn: Any, column: str, keys: Iterable[str]) -> dict[str, Any]:
+    """key -> the value to bind in `key_equals_sql(column)`; a key absent was never stored."""
+    keys = [k for k in keys if k != ""]
+    if column in interned.INTERNED:
+        return interned.lookup(conn, keys)
+    return {k: k for k in keys}
 
 
 def empty(measures: Sequence[str] = ALL) -> list[Any]:
@@ -361,15 +385,29 @@ def add_into(into: list[Any], row: Sequence[Any], measures: Sequence[str] = ALL)
             into[i] += row[i]
 
 
+def raw_group_terms(group: Sequence[str], first: int = 1) -> list[str]:
+    """GROUP BY terms on the events view for GROUPS dims selected from result column `first` on:
+    a label dim by its id (`lid_x`, the same groups: one text per id), the others by position.
+    Grouping by the text would look each row's label up; by the id it is looked up per group
+    (3 h of the 10 M file by instance and account: 30 -> 15.5 ms)."""
+    return [f"{interned.ID_PREFIX}{g}" if GROUPS[g][0] == g and g in interned.INTERNED else str(first + i)
+            for i, g in enumerate(group)]
+
+
 def _select(piece: Piece, group: Sequence[str], step: int | None, fold: bool = False) -> tuple[str, str]:
     side = 0 if piece.table == RAW else 1
     exprs = [GROUPS[g][side] for g in group]
     if fold:  # the last group column keeps the listed values; every other value becomes NULL
         e = exprs[-1]
         exprs[-1] = f"CASE WHEN {e} IN (SELECT value FROM json_each(?)) THEN {e} END"
+    lead = 1 if step is not None else 0
     if step is not None:
         exprs.insert(0, "ts_ms - (ts_ms % ?)" if side == 0 else "bucket_ms - (bucket_ms % ?)")
-    return ", ".join(exprs), ", ".join(str(i + 1) for i in range(len(exprs)))
+    by = [str(i + 1) for i in range(len(exprs))]
+    if side == 0:
+        keyed = group[:-1] if fold else group  # the folded column groups by its CASE, by position
+        by[lead:lead + len(keyed)] = raw_group_terms(keyed, lead + 1)
+    return ", ".join(exprs), ", ".join(by)
 
 
 STANDARD_PCTS = (50, 95, 99)
@@ -508,13 +546,15 @@ class Reader:
                 return True
         return False
 
-    def raw_where(self, from_ms: int, to_ms: int, shared_search: bool = True) -> tuple[str, list[Any]]:
+    def raw_where(self, from_ms: int, to_ms: int, shared_search: bool = True,
+                  key_indexes: bool = True) -> tuple[str, list[Any]]:
         """WHERE text and parameters for the events of [from_ms, to_ms) under the clauses, alias keys
-        narrowed to their key column when exact (`account_key = ?`: the key indexes apply).
+        narrowed to their key column when exact (`lid_account_key = ?`: the key indexes apply;
+        with `key_indexes=False` they may not, Plan.where).
         `shared_search=False` scans for a search instead of reading its shared ids (a LIMIT read
         that stops at its first rows)."""
         p = Plan([Piece(RAW, from_ms, to_ms)], self.translation(), self.conn if shared_search else None)
-        return p.where(p.pieces[0], self.clauses)
+        return p.where(p.pieces[0], self.clauses, key_indexes)
 
     def plan(self, from_ms: int, to_ms: int, dims: Iterable[str] = (), *, sketches: bool = False,
              step: int | None = None) -> Plan:
@@ -583,7 +623,7 @@ class Reader:
 
     def _status_superset(self, where: str, params: list[Any], step: int) -> dict[tuple, tuple]:
         exprs = ", ".join(GROUPS[d][0] for d in STATUS_DIMS)
-        by = ", ".join(str(i + 1) for i in range(len(STATUS_DIMS) + 1))
+        by = ", ".join(["1", *raw_group_terms(STATUS_DIMS, 2)])
         measures = ", ".join(RAW_EXPR[m] for m in ALL)
         sql = f"SELECT ts_ms - (ts_ms % ?), {exprs}, {measures} FROM events WHERE {where} GROUP BY {by}"
         width = len(STATUS_DIMS) + 1
@@ -613,14 +653,14 @@ class Reader:
         # the longest rollup piece first: its cached bins are copied whole, later pieces merge in
         for piece in sorted(p.pieces, key=lambda pc: (pc.table == RAW, pc.from_ms - pc.to_ms)):
             where, params = p.where(piece, self.clauses)
-            sel, _ = _select(piece, group, step)
+            sel, sel_by = _select(piece, group, step)
             head = [step] if step is not None else []
             lead = f"{sel}, " if sel else ""
             if piece.table == RAW:
                 # Grouped in SQL, so few rows cross into Python: by sketch bucket when the
                 # answer is a sketch anyway (the same ceil(ln(v) / ln(gamma)) as Sketch.add),
                 # else by exact value.
-                by = ", ".join(str(i + 1) for i in range(width + 1))
+                by = f"{sel_by}, {width + 1}" if sel_by else "1"
                 value = f"CAST(ceil(ln({column}) / ?) AS INTEGER)" if out.approximate else column
                 extra = [sketch._LOG_GAMMA] if out.approximate else []
                 sql = (f"SELECT {lead}{value}, count(*) FROM events WHERE {where} AND {column} > 0 "
@@ -739,8 +779,10 @@ class Reader:
             if (piece.table != RAW or piece.to_ms - piece.from_ms <= SCAN_DISTINCT_MS
                     or self.selective((piece.from_ms, piece.to_ms))):
                 table = "events" if piece.table == RAW else piece.table
-                expr = GROUPS[column][0] if piece.table == RAW else column
-                sql = f"SELECT DISTINCT {expr} FROM {table} WHERE {where}"
+                if piece.table == RAW:  # distinct labels by their ids (raw_group_terms)
+                    sql = f"SELECT {GROUPS[column][0]} FROM events WHERE {where} GROUP BY {raw_group_terms([column])[0]}"
+                else:
+                    sql = f"SELECT DISTINCT {column} FROM {table} WHERE {where}"
                 found.update(r[0] for r in self.conn.execute(sql, params))
                 continue
             if candidates is None:
@@ -749,8 +791,15 @@ class Reader:
                 candidates = [r[0] for r in self.conn.execute(
                     "SELECT DISTINCT key FROM rollup_aliases WHERE dim = ?", (dim,)) if r[0] not in (skip, "")]
             sql = f"SELECT 1 FROM events WHERE {where} AND {key_equals_sql(column)} LIMIT 1"
+            if not self.clauses and column in interned.INTERNED:
+                # the window alone: event_rows itself. A statement on the events view is prepared
+                # again at each run (new time bounds, which the planner's STAT4 estimates read),
+                # and preparing the view's 99 columns costs ~35 us, 5x the seek (Monitoring's
+                # summary made ~300 such seeks per panel)
+                sql = f"SELECT 1 FROM {interned.ROWS} WHERE {where} AND {column} = ? LIMIT 1"
+            ids = key_ids(self.conn, column, candidates)
             for key in candidates:
-                if key not in found and self.conn.execute(sql, (*params, key)).fetchone():
+                if key not in found and key in ids and self.conn.execute(sql, (*params, ids[key])).fetchone():
                     found.add(key)
         found.discard(skip)
         found.discard(None)
@@ -913,7 +962,10 @@ def labels(reader: Reader, column: str, keys: Iterable[str], from_ms: int, to_ms
         where, params = reader.raw_where(from_ms, to_ms)
         by_id = f"SELECT max({label_col}) FROM events WHERE {where} AND {key_equals_sql(column)}"
         by_text = f"SELECT max({label_col}) FROM events WHERE {where} AND {GROUPS[column][0]} = ?"
+        ids = key_ids(reader.conn, column, ambiguous)
         for key in ambiguous:  # '' stands for NULL too (GROUPS' coalesce): no label id for it
-            sql = by_text if key == "" else by_id
-            out[key] = reader.conn.execute(sql, (*params, key)).fetchone()[0]
+            if key == "":
+                out[key] = reader.conn.execute(by_text, (*params, key)).fetchone()[0]
+            else:  # a key never stored in events has no id and no label
+                out[key] = reader.conn.execute(by_id, (*params, ids[key])).fetchone()[0] if key in ids else None
     return out

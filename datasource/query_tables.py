@@ -73,7 +73,7 @@ JOIN events e ON e.id = (SELECT r.id FROM {ROWS} r INDEXED BY events_quota_accou
 """
 FAILURE_TYPES_SQL = """
 SELECT instance, account_key, failure_type, count(*)
-FROM events WHERE {where} AND failed = 1 GROUP BY instance, account_key, failure_type
+FROM events WHERE {where} AND failed = 1 GROUP BY lid_instance, lid_account_key, lid_failure_type
 """
 CPA_STATUS_SQL = "SELECT instance, auth_index, status, disabled, unavailable, name FROM accounts"
 def _cpa_status(status: str | None, disabled: int, unavailable: int) -> str:

@@ -40,3 +40,29 @@ def test_column_bytes_of_an_empty_table(tmp_path) -> None:
     conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, a TEXT)")
     conn.close()
     assert column_bytes(path, 5) == (0, 1.0, [("id", 0.0), ("a", 0.0)])
+
+
+def test_footprint_reads_event_rows_and_counts_free_pages_after_schema_step_12(tmp_path) -> None:
+    """Since step 12 the rows are in event_rows with labels as small ids: the 64-character key
+    hash costs one byte a row there (its id), and pages freed by a prune are counted apart."""
+    from benchmarks.bench_footprint import table_bytes
+    from datasource import store
+    from datasource.db import open_database
+    from test_interned import EVENTS, event
+
+    path = str(tmp_path / "s12.db")
+    conn = open_database(path)
+    store.insert_batch(conn, EVENTS + [event(n, api_key_hash=f"{n:02d}" * 32, fail_summary="x" * 3000)
+                                       for n in range(10, 40)], origin="test")
+    conn.close()
+    read, _, columns = column_bytes(path, 100)
+    sizes = dict(columns)
+    assert read == 34 // 2  # the rows after the middle id (17 of 34)
+    assert sizes["api_key_hash"] == 1.0 and sizes["account_key"] <= 1.0  # ids under 128: one byte or none
+    assert sizes["fail_summary"] == 3000.0  # not interned: stored as text
+    events, tables, free = table_bytes(path)
+    assert events == 34 and "event_rows" in dict(tables) and free == 0
+    conn = open_database(path)
+    store.prune(conn, 1_778_000_000_000 + 40_000)  # every event: their overflow pages are freed
+    conn.close()
+    assert table_bytes(path)[2] > 30 * 3000
