@@ -21,7 +21,8 @@ row uses any more is kept (pruning events leaves their labels; there are few).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Callable, Iterable, Sequence
 
 import apsw
 
@@ -177,27 +178,36 @@ def resolve(conn: apsw.Connection, labels: Iterable[Any]) -> dict[Any, int]:
     return ids
 
 
-def encode_rows(conn: apsw.Connection, keys: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    """Value tuples in `keys` order with each interned column's text replaced by its id."""
+def encode_rows(conn: apsw.Connection, keys: Sequence[str],
+                rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """(keys, value tuples) for event_rows: the interned columns first, each value replaced by its
+    label's id, then the other columns as they are. C-level gathers (itemgetter, map over the
+    batch's small label dict): 4.8 -> 2.4-2.7 us a row for a 4,000-event batch."""
     positions = [i for i, key in enumerate(keys) if key in INTERNED]
     if not positions:
-        return [tuple(row) for row in rows]
-    labels: set[Any] = set()
-    for row in rows:
-        for i in positions:
-            value = row[i]
-            if value is not None:
-                labels.add(_label(value))
-    ids = resolve(conn, labels)
-    out = []
-    for row in rows:
-        values = list(row)
-        for i in positions:
-            value = values[i]
-            if value is not None:
-                values[i] = ids[_label(value)]
-        out.append(tuple(values))
-    return out
+        return tuple(keys), [tuple(row) for row in rows]
+    rest = [i for i, key in enumerate(keys) if key not in INTERNED]
+    pick = _getter(positions)
+    keep = _getter(rest)
+    picked = list(map(pick, rows))
+    labels: set[Any] = set().union(*picked)
+    labels.discard(None)
+    ids = resolve(conn, {_label(value) for value in labels})
+    to_id: dict[Any, Any] = {value: ids[_label(value)] for value in labels}
+    to_id[None] = None
+    lookup = to_id.__getitem__
+    out = [tuple(map(lookup, p)) + keep(row) for p, row in zip(picked, rows)]
+    return tuple(keys[i] for i in positions + rest), out
+
+
+def _getter(indexes: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """A tuple of the values at `indexes` (itemgetter returns a bare value for one index)."""
+    if len(indexes) == 1:
+        only = indexes[0]
+        return lambda row: (row[only],)
+    if not indexes:
+        return lambda row: ()
+    return itemgetter(*indexes)
 
 
 # --- schema step 12 ----------------------------------------------------------------------------

@@ -182,8 +182,8 @@ def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) 
             if missing:  # the defaults the table declared, which event_rows cannot (ids)
                 keys += missing
                 values = [v + tuple(interned.DEFAULTS[name] for name in missing) for v in values]
-            bulk.execute(conn, f"INSERT INTO {interned.ROWS}({', '.join(keys)})",
-                         interned.encode_rows(conn, keys, values))
+            keys, encoded = interned.encode_rows(conn, keys, values)
+            bulk.execute(conn, f"INSERT INTO {interned.ROWS}({', '.join(keys)})", encoded)
         else:
             bulk.execute(conn, f"INSERT INTO {table}({', '.join(keys)})", values)
 
