@@ -22,6 +22,7 @@ COMMAND_MODULES: dict[str, str] = {
     "export": "cmd_store",
     "prune": "cmd_store",
     "backup": "cmd_store",
+    "compact": "cmd_store",
     "collect": "cmd_collect",
     "status": "cmd_collect",
     "serve": "cmd_serve",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from itertools import islice
@@ -14,6 +15,7 @@ from datasource import exchange, store
 from datasource.cmd_common import settings_options
 from datasource.config import Settings
 from datasource.db import SchemaError, connect, migrate, open_database
+from datasource.lock import CollectorLock
 from datasource.model import Control, InsertResult, Normalized, Rejected
 from datasource.normalize import normalize_obj
 from datasource.pricing import Pricer
@@ -167,4 +169,31 @@ def backup_command(dest: str, settings: Settings) -> None:
     click.echo(f"backed up {settings.db} to {dest}")
 
 
-COMMANDS: list[click.Command] = [migrate_command, ingest_command, export_command, prune_command, backup_command]
+@click.command("compact")
+@settings_options
+def compact_command(settings: Settings) -> None:
+    """Return the database's free pages to the filesystem (VACUUM); stop the collector first."""
+    lock = CollectorLock(settings.db)
+    if not lock.try_acquire():
+        holder = lock.holder()
+        raise click.ClickException(
+            f"a collector is running on {settings.db} ({holder.describe() if holder else 'holder unknown'}); "
+            "stop it first: compact rewrites the whole file and would hold the store for that long")
+    try:
+        conn = _open(settings)
+        before = os.path.getsize(settings.db)
+        try:
+            free = store.compact(conn)
+        except store.StoreError as exc:
+            raise click.ClickException(f"compact failed, the database is unchanged: {exc}") from exc
+        finally:
+            conn.close()
+    finally:
+        lock.release()
+    after = os.path.getsize(settings.db)
+    click.echo(f"compacted {settings.db}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+               f"({free / 1e6:.1f} MB of free pages)")
+
+
+COMMANDS: list[click.Command] = [migrate_command, ingest_command, export_command, prune_command, backup_command,
+                                 compact_command]

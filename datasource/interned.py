@@ -2,7 +2,8 @@
 
 Most text columns of an event are labels drawn from a few hundred values: the account, its
 masked source and auth index, the model names, the endpoint, the user agent, the caller key's
-hash. Stored in every row they were ~40 % of the row and most of its key indexes. Since step 12
+hash. Stored in every row they were ~60 % of the row's bytes (552 -> 227 at 10 M events) and
+most of its key indexes. Since step 12
 the rows live in `event_rows`, where those columns hold an id into `event_strings`, and
 `events` is a view that gives every column back as before (same names, same order, same
 values). Readers therefore keep reading `events`; the write path (`store.insert_batch`) writes
@@ -10,10 +11,12 @@ values). Readers therefore keep reading `events`; the write path (`store.insert_
 `events`, whose INSTEAD OF trigger interns and applies the old column defaults.
 
 What the view costs: a label read through it is a primary-key lookup in `event_strings` (a few
-hundred rows, always in cache). A predicate on a label through the view cannot use an index of
+hundred rows, always in cache). A predicate on a label's text cannot use an index of
 `event_rows`, so queries that seek by account, model or key, or that need a partial index whose
-condition names a label (`action IS NOT NULL`), read `event_rows` and compare ids
-(`label_id_sql`).
+condition names a label (`action IS NOT NULL`), compare the view's `lid_<column>` ids instead,
+bound as values (`lookup`: SQLite's planner weighs a bound value, not a subquery). And a
+statement on the view is prepared again whenever its time bounds change (STAT4 reads them), at
+~35 us for the view's 99 columns: a loop of small seeks reads `event_rows` itself.
 
 `event_strings` only grows: an id, once committed, always names the same text, and a label no
 row uses any more is kept (pruning events leaves their labels; there are few).
@@ -58,14 +61,14 @@ STRINGS_SQL = f"CREATE TABLE {STRINGS} (id INTEGER PRIMARY KEY, v TEXT NOT NULL 
 _LOOKUP_CHUNK = 500  # values per SELECT ... IN (?, ...)
 
 
-def label_text_sql(column: str, alias: str = "r") -> str:
-    """The text of an interned column of `alias` (an event_rows row), as the view gives it."""
-    return f"(SELECT v FROM {STRINGS} WHERE id = {alias}.{column})"
-
-
 def text_of(label_id: str) -> str:
     """The text of a label id given as an SQL expression (a column holding an id)."""
     return f"(SELECT v FROM {STRINGS} WHERE id = {label_id})"
+
+
+def label_text_sql(column: str, alias: str = "r") -> str:
+    """The text of an interned column of `alias` (an event_rows row), as the view gives it."""
+    return text_of(f"{alias}.{column}")
 
 
 def label_id_sql(param: str = "?") -> str:

@@ -287,6 +287,19 @@ def prune_step(
     return deleted, True
 
 
+def compact(conn: apsw.Connection) -> int:
+    """VACUUM: rewrite the file without its free pages; returns the bytes of free pages it had.
+
+    The new content goes through the WAL, which a TRUNCATE checkpoint then writes back, cutting
+    the file to its new size. Needs free disk of about the compacted size twice over (SQLite's
+    temporary copy and the WAL); on any error the file is as it was."""
+    page = conn.pragma("page_size")
+    free = conn.pragma("freelist_count") * page
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return free
+
+
 def backup(conn: apsw.Connection, dest_path: str, *, busy_timeout_ms: int = 5000) -> None:
     """Copy the live database to dest_path with SQLite's online backup API."""
     if os.path.abspath(dest_path) == os.path.abspath(conn.filename):

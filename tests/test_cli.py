@@ -28,14 +28,15 @@ def defined_commands() -> dict[str, str]:
 
 def test_the_table_names_every_defined_command_and_its_module():
     assert COMMAND_MODULES == defined_commands()
-    assert len(COMMAND_MODULES) == 9
+    assert len(COMMAND_MODULES) == 10
 
 
 def test_help_lists_every_command_sorted_with_its_summary():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
     listed = [line.split()[0] for line in result.output.split("Commands:\n", 1)[1].splitlines() if line.strip()]
-    assert listed == ["backup", "collect", "demo", "export", "ingest", "migrate", "prune", "serve", "status"]
+    assert listed == ["backup", "collect", "compact", "demo", "export", "ingest", "migrate", "prune", "serve",
+                      "status"]
     assert "Copy the live database to DEST" in result.output  # a summary read from the loaded command
 
 

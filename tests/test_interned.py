@@ -36,7 +36,6 @@ EVENTS = [
     event(4, account_key="acct-c", account=None, request_type="chat", provider="claude", payload_provider=None,
           model="claude-x", analytics_model="claude-x", user_agent="cli/1.0 (linux)"),
 ]
-STEP_11_COLUMNS = None
 
 
 def step_11_database(path: str) -> apsw.Connection:
@@ -186,3 +185,14 @@ def test_label_seeks_and_the_partial_action_index_apply_through_the_view(conn):
     assert "COVERING INDEX events_action_ts" in actions
     assert conn.execute("SELECT account_key, action FROM events WHERE lid_action IS NOT NULL").fetchall() == [
         ("acct-b", "reauth")]
+
+
+def test_the_trigger_defaults_are_the_old_tables_defaults_and_every_label_column_is_text(tmp_path):
+    """interned.DEFAULTS must be what step 1-11's events table declared for its label columns."""
+    conn = step_11_database(str(tmp_path / "old.db"))
+    info = {r[1]: (r[2], r[4]) for r in conn.execute("PRAGMA table_info(events)")}
+    assert set(interned.COLUMNS) <= set(info)
+    assert all(info[name][0] == "TEXT" for name in interned.COLUMNS)
+    declared = {name: default.strip("'") for name, (_, default) in info.items()
+                if name in interned.INTERNED and default is not None}
+    assert declared == interned.DEFAULTS
