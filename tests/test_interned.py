@@ -38,14 +38,19 @@ EVENTS = [
 ]
 
 
-def step_11_database(path: str) -> apsw.Connection:
+def database_at_step(path: str, step: int) -> apsw.Connection:
+    """A new database migrated to schema `step` only (what an older CPA Monitor left)."""
     conn = connect(path)
     with conn:
-        for step in MIGRATIONS[:11]:
-            step(conn) if callable(step) else conn.execute(step)
-        conn.pragma("user_version", 11)
+        for migration in MIGRATIONS[:step]:
+            migration(conn) if callable(migration) else conn.execute(migration)
+        conn.pragma("user_version", step)
         conn.pragma("application_id", APPLICATION_ID)
     return conn
+
+
+def step_11_database(path: str) -> apsw.Connection:
+    return database_at_step(path, 11)
 
 
 def columns(conn: apsw.Connection) -> list[str]:

@@ -265,15 +265,10 @@ def test_prune_step_stops_at_its_budget_or_stop_and_finishes_with_dead_letters(c
 
 
 def test_step_10_keys_the_ledger_by_time_and_keeps_every_key(tmp_path):
-    from datasource.db import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, connect, migrate
+    from datasource.db import SCHEMA_VERSION, migrate
+    from test_interned import database_at_step
 
-    path = str(tmp_path / "step9.db")
-    old = connect(path)
-    with old:
-        for step in MIGRATIONS[:9]:
-            step(old) if callable(step) else old.execute(step)
-        old.pragma("user_version", 9)
-        old.pragma("application_id", APPLICATION_ID)
+    old = database_at_step(str(tmp_path / "step9.db"), 9)
     batch = [event(3, ts_ms=3_000), event(1, ts_ms=1_000), event(2, ts_ms=2_000)]
     assert store.insert_batch(old, batch, origin="test").inserted == 3  # ledger keyed by hash alone
     before = sorted(old.execute("SELECT ts_ms, hash FROM event_ledger").fetchall())
@@ -288,14 +283,10 @@ def test_step_10_keys_the_ledger_by_time_and_keeps_every_key(tmp_path):
 
 
 def test_step_11_keys_the_request_and_trace_id_indexes_by_hour(tmp_path):
-    from datasource.db import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, connect, migrate
+    from datasource.db import SCHEMA_VERSION, migrate
+    from test_interned import database_at_step
 
-    old = connect(str(tmp_path / "step10.db"))
-    with old:
-        for step in MIGRATIONS[:10]:
-            step(old) if callable(step) else old.execute(step)
-        old.pragma("user_version", 10)
-        old.pragma("application_id", APPLICATION_ID)
+    old = database_at_step(str(tmp_path / "step10.db"), 10)
     hour = 3_600_000
     batch = [event(1, ts_ms=5 * hour, row={"request_id": "q1", "trace_id": "t1"}),
              event(2, ts_ms=6 * hour - 1, row={"request_id": "q2"}),
