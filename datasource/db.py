@@ -20,6 +20,7 @@ from typing import Callable
 
 import apsw
 import apsw.bestpractice
+import apsw.ext
 
 APPLICATION_ID = 0x43504D31  # "CPM1"
 logger = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ class SchemaError(RuntimeError):
 # fail. connect() does both itself, on read-write connections only, optimize tolerating a busy or
 # read-only database.
 _WRITING_HOOKS = ("connection_wal", "connection_optimize")
+# SQLite's own log goes to this logger (APSW's best practice sends it to the root logger), which
+# keeps WARNING and up: SQLITE_SCHEMA notes ("statement aborts ... database schema has changed",
+# logged at INFO) come from statements SQLite prepares again by itself after another connection
+# changed the schema, e.g. the first start of a new database, and read like failures in the log.
+SQLITE_LOGGER = logging.getLogger("datasource.sqlite")
+SQLITE_LOGGER.setLevel(logging.WARNING)
+_REPLACED_HOOKS = ("library_logging",)
 
 
 def setup_sqlite() -> None:
@@ -49,7 +57,8 @@ def setup_sqlite() -> None:
         if not _setup_done:
             _memory_statistics_off()
             apsw.bestpractice.apply(tuple(hook for hook in apsw.bestpractice.recommended
-                                          if hook.__name__ not in _WRITING_HOOKS))
+                                          if hook.__name__ not in _WRITING_HOOKS + _REPLACED_HOOKS))
+            apsw.ext.log_sqlite(logger=SQLITE_LOGGER)
             _setup_done = True
 
 

@@ -263,3 +263,39 @@ def test_a_connection_opened_earlier_keeps_sqlite_default_statistics(tmp_path):
     100,000 bytes went through, so more than that was allocated)."""
     used, status = _memory_used(str(tmp_path / "on.db"), "open-first")
     assert used > 100_000 and status > 100_000
+
+
+# --- SQLite's own log -------------------------------------------------------------------------
+def _schema_retry_and_error(path: str) -> None:
+    """A cached statement run again after another connection changed the schema (SQLite logs
+    SQLITE_SCHEMA and prepares it again by itself), then a statement that fails."""
+    a, b = connect(path), connect(path)
+    a.execute("CREATE TABLE IF NOT EXISTS t(x)")
+    a.execute("SELECT * FROM t").fetchall()
+    b.execute("CREATE TABLE u(y)")
+    assert a.execute("SELECT * FROM t").fetchall() == []
+    with pytest.raises(apsw.SQLError):
+        a.execute("SELECT * FROM nosuch")
+    a.close()
+    b.close()
+
+
+def test_sqlite_log_keeps_errors_and_leaves_out_the_schema_retries(tmp_path, caplog):
+    import logging
+
+    from datasource.db import SQLITE_LOGGER
+    caplog.set_level(logging.DEBUG)
+    _schema_retry_and_error(str(tmp_path / "a.db"))
+    sqlite = [r for r in caplog.records if r.name == "datasource.sqlite"]
+    assert [(r.levelno, r.sqlite_code) for r in sqlite if "no such table: nosuch" in r.getMessage()] == [
+        (logging.ERROR, apsw.SQLITE_ERROR)]
+    assert not any("schema has changed" in r.getMessage() for r in caplog.records)
+    # the retry is logged by SQLite all the same: at INFO, which the logger's level leaves out
+    caplog.clear()
+    SQLITE_LOGGER.setLevel(logging.INFO)  # setLevel, not the attribute: it clears logging's cache
+    try:
+        _schema_retry_and_error(str(tmp_path / "b.db"))
+    finally:
+        SQLITE_LOGGER.setLevel(logging.WARNING)
+    assert any(r.name == "datasource.sqlite" and r.levelno == logging.INFO and "schema has changed" in r.getMessage()
+               for r in caplog.records)
