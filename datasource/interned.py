@@ -168,6 +168,14 @@ def lookup(conn: apsw.Connection, labels: Iterable[Any]) -> dict[Any, int]:
     return ids
 
 
+def texts(conn: apsw.Connection) -> dict[Any, Any]:
+    """id -> text of every label, and None -> None: what a reader of `event_rows` maps its
+    label columns with (C-level `map` over the dict's `__getitem__`)."""
+    out: dict[Any, Any] = dict(conn.execute(f"SELECT id, v FROM {STRINGS}"))
+    out[None] = None
+    return out
+
+
 def resolve(conn: apsw.Connection, labels: Iterable[Any]) -> dict[Any, int]:
     """label -> id for every label given, adding the new ones to event_strings.
 

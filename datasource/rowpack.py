@@ -26,7 +26,7 @@ import zlib
 from functools import lru_cache
 from typing import Any, Mapping
 
-from datasource.interned import ID_PREFIX
+from datasource.interned import ID_COLUMNS
 from datasource.payload import render_ts, second_text
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -81,7 +81,10 @@ def _split_endpoint(endpoint: str) -> tuple[str | None, str | None]:
 
 def pack(row: Mapping[str, Any]) -> dict[str, Any]:
     """The row as the events table stores it (a new dict)."""
-    out = {k: v for k, v in row.items() if not k.startswith(ID_PREFIX)}  # the view's label ids
+    out = dict(row)
+    if ID_COLUMNS[0] in out:  # a SELECT * of the events view: its label ids go
+        for name in ID_COLUMNS:
+            out.pop(name, None)
     for name in _HASH_COLUMNS:
         value = out.get(name)
         if isinstance(value, str) and _HEX64.fullmatch(value):
@@ -109,7 +112,10 @@ def pack(row: Mapping[str, Any]) -> dict[str, Any]:
 def unpack(row: Mapping[str, Any]) -> dict[str, Any]:
     """A stored events row (all columns, as SELECT * gives them) back to its full values, without
     the view's `lid_` label ids (datasource/interned.py)."""
-    out = {k: v for k, v in row.items() if not k.startswith(ID_PREFIX)}  # the view's label ids
+    out = dict(row)
+    if ID_COLUMNS[0] in out:  # a SELECT * of the events view: its label ids go
+        for name in ID_COLUMNS:
+            out.pop(name, None)
     for name in _HASH_COLUMNS:
         value = out.get(name)
         if isinstance(value, (bytes, memoryview)):

@@ -201,3 +201,32 @@ def test_the_trigger_defaults_are_the_old_tables_defaults_and_every_label_column
     declared = {name: default.strip("'") for name, (_, default) in info.items()
                 if name in interned.INTERNED and default is not None}
     assert declared == interned.DEFAULTS
+
+
+def test_export_reads_event_rows_and_maps_every_label_back(conn, monkeypatch):
+    store.insert_batch(conn, EVENTS, origin="test")
+    view = {r[0]: r for r in conn.execute("SELECT id, account_key, account, endpoint, source_hash, user_agent "
+                                          "FROM events")}
+    real = interned.texts
+    loads = []
+
+    def first_load_misses_a_label(c):  # a label the collector added after the export read them
+        loads.append(1)
+        found = real(c)
+        return {k: v for k, v in found.items() if v != "acct-c"} if len(loads) == 1 else found
+
+    monkeypatch.setattr(interned, "texts", first_load_misses_a_label)
+    rows = list(store.iter_export_rows(conn, 0, 2**62, {}))
+    assert len(loads) == 2
+    assert [(r["id"], r["account_key"], r["account"], r["endpoint"], r["source_hash"], r["user_agent"])
+            for r in rows] == [(i, k, a, e, (h.hex() if h else h), u) for i, k, a, e, h, u in view.values()]
+    assert not any(k.startswith(interned.ID_PREFIX) for r in rows for k in r)
+
+
+@pytest.mark.parametrize("filters, ids", [
+    ({"account": "Alice"}, [1, 3]), ({"account": "acct-c"}, [4]), ({"account": "nobody"}, []),
+    ({"provider": "claude"}, [4]), ({"model": "gpt-5.4", "account": "acct-b"}, [2]), ({}, [1, 2, 3, 4]),
+])
+def test_export_filters_match_labels_in_any_of_their_columns(conn, filters, ids):
+    store.insert_batch(conn, EVENTS, origin="test")
+    assert [r["id"] for r in store.iter_export_rows(conn, 0, 2**62, filters)] == ids
