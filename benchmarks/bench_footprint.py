@@ -24,6 +24,7 @@ from pathlib import Path
 import apsw
 
 from benchmarks import bench_memory, bench_query
+from datasource import interned
 
 
 def table_bytes(db: str) -> tuple[int, list[tuple[str, int]], int]:
@@ -37,12 +38,6 @@ def table_bytes(db: str) -> tuple[int, list[tuple[str, int]], int]:
     finally:
         conn.close()
     return events, [(name, size) for name, size in sizes], free
-
-
-def _rows_table(conn: apsw.Connection) -> str:
-    """The table that stores the events rows: event_rows since schema step 12 (labels as ids)."""
-    found = conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'event_rows'").fetchone()
-    return "event_rows" if found else "events"
 
 
 def _int_bytes(value: int) -> int:
@@ -61,7 +56,7 @@ def column_bytes(db: str, rows: int) -> tuple[int, float, list[tuple[str, float]
     events from the middle of the file."""
     conn = apsw.Connection(f"file:{db}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     try:
-        table = _rows_table(conn)
+        table = interned.rows_table(conn)  # event_rows since schema step 12 (labels as ids)
         names = [row[1] for row in conn.execute("SELECT * FROM pragma_table_info(?)", (table,))]
         first = conn.execute(f"SELECT coalesce(max(id), 0) / 2 FROM {table}").fetchone()[0]
         totals = [0] * len(names)

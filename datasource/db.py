@@ -861,7 +861,8 @@ def _v12(conn: apsw.Connection) -> None:
 
     The rows move to `event_rows`, whose label columns hold ids into `event_strings`; `events`
     becomes a view with the same columns and values, so readers are unchanged. One pass over the
-    stored rows in the migration's transaction; the indexes keep their names and statistics.
+    stored rows in the migration's transaction; the indexes keep their names and, where the
+    database had statistics, are analysed again (their samples hold ids now).
     """
     from datasource import interned
 

@@ -189,11 +189,24 @@ def resolve(conn: apsw.Connection, labels: Iterable[Any]) -> dict[Any, int]:
     return ids
 
 
+def rows_table(conn: apsw.Connection) -> str:
+    """The table that holds the events rows: event_rows since schema step 12, else the events
+    table itself (a database at an earlier step, as tests build one step by step)."""
+    found = conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (ROWS,)).fetchone()
+    return ROWS if found else VIEW
+
+
 def encode_rows(conn: apsw.Connection, keys: Sequence[str],
                 rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
-    """(keys, value tuples) for event_rows: the interned columns first, each value replaced by its
-    label's id, then the other columns as they are. C-level gathers (itemgetter, map over the
-    batch's small label dict): 4.8 -> 2.4-2.7 us a row for a 4,000-event batch."""
+    """(keys, value tuples) for event_rows from rows as the events view takes them: the interned
+    columns first, each value replaced by its label's id, then the other columns as they are. An
+    interned column the rows leave out gets the text default the events table declared (DEFAULTS;
+    event_rows cannot declare it: it holds ids). C-level gathers (itemgetter, map over the batch's
+    small label dict): 4.8 -> 2.4-2.7 us a row for a 4,000-event batch."""
+    missing = tuple(name for name in DEFAULTS if name not in keys)
+    if missing:
+        keys = (*keys, *missing)
+        rows = [(*row, *(DEFAULTS[name] for name in missing)) for row in rows]
     positions = [i for i, key in enumerate(keys) if key in INTERNED]
     if not positions:
         return tuple(keys), [tuple(row) for row in rows]

@@ -41,8 +41,7 @@ INSERT_DEAD_LETTER = (
 SELECT_TABLE_COLUMNS = "SELECT name FROM pragma_table_info(?)"
 SELECT_PRUNE_IDS = "SELECT id FROM events WHERE ts_ms < ? ORDER BY ts_ms, id LIMIT ?"
 DELETE_PRIVATE = "DELETE FROM event_private WHERE event_id = ?"
-DELETE_EVENT = "DELETE FROM {table} WHERE id = ?"  # the rows table: _rows_table()
-SELECT_HAS_ROWS = "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?"
+DELETE_EVENT = "DELETE FROM {table} WHERE id = ?"  # the rows table: interned.rows_table()
 DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE received_ms < ?"
 
 # The tables insert_batch writes rows into, with the column that links a row to its event
@@ -158,12 +157,6 @@ def insert_batch(
     return result
 
 
-def _rows_table(conn: apsw.Connection) -> str:
-    """Where events rows are written and deleted: event_rows since schema step 12; the events
-    table itself in a database at an earlier step (one a test builds step by step)."""
-    return interned.ROWS if conn.execute(SELECT_HAS_ROWS, (interned.ROWS,)).fetchone() else "events"
-
-
 def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) -> None:
     """One bulk insert per distinct key set; keys that are not columns of `table` are dropped."""
     if not rows:
@@ -180,11 +173,7 @@ def _insert_rows(conn: apsw.Connection, table: str, rows: list[dict[str, Any]]) 
             index = [i for i, k in enumerate(keys) if k in allowed]
             keys = tuple(keys[i] for i in index)
             values = [tuple(v[i] for i in index) for v in values]
-        if table == interned.VIEW and _rows_table(conn) == interned.ROWS:  # labels as ids, no trigger per row
-            missing = tuple(name for name in interned.DEFAULTS if name not in keys)
-            if missing:  # the defaults the table declared, which event_rows cannot (ids)
-                keys += missing
-                values = [v + tuple(interned.DEFAULTS[name] for name in missing) for v in values]
+        if table == interned.VIEW and interned.rows_table(conn) == interned.ROWS:  # labels as ids, no trigger per row
             keys, encoded = interned.encode_rows(conn, keys, values)
             bulk.execute(conn, f"INSERT INTO {interned.ROWS}({', '.join(keys)})", encoded)
         else:
@@ -279,7 +268,7 @@ def prune_step(
         with txn.write(conn):
             ids = [(row[0],) for row in conn.execute(SELECT_PRUNE_IDS, (older_than_ms, batch))]
             conn.executemany(DELETE_PRIVATE, ids)
-            conn.executemany(DELETE_EVENT.format(table=_rows_table(conn)), ids)
+            conn.executemany(DELETE_EVENT.format(table=interned.rows_table(conn)), ids)
         deleted += len(ids)
         if len(ids) < batch:
             break
