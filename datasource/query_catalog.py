@@ -41,18 +41,19 @@ INPUTS: dict[str, tuple[str, ...]] = {
 }
 STATUS_WORDS = ("success", "failed", "unusual")
 CACHE_WORDS = ("hit", "miss", "read", "creation")
-# variable name -> text column, value column (fixed SQL fragments)
-VARIABLE_COLUMNS: dict[str, tuple[str, str]] = {
-    "instance": ("instance", "instance"),
-    "provider": ("provider", "provider"),
-    "model": ("analytics_model", "analytics_model"),
-    "project": ("project_id", "project_id"),
-    "account": ("max(account)", "account_key"),
-    "api_key": ("max(api_key_masked)", "api_key_hash"),
-    "failure_type": ("failure_type", "failure_type"),
-    "request_type": ("request_type", "request_type"),
-    "endpoint": ("endpoint", "endpoint"),
-    "status": ("status_code", "status_code"),
+# variable name -> value column, and the label column whose max() per value is its text (None:
+# the value is its own text); fixed SQL fragments
+VARIABLE_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "instance": ("instance", None),
+    "provider": ("provider", None),
+    "model": ("analytics_model", None),
+    "project": ("project_id", None),
+    "account": ("account_key", "account"),
+    "api_key": ("api_key_hash", "api_key_masked"),
+    "failure_type": ("failure_type", None),
+    "request_type": ("request_type", None),
+    "endpoint": ("endpoint", None),
+    "status": ("status_code", None),
 }
 VARIABLES = tuple(VARIABLE_COLUMNS) + ("cache",)
 VARIABLE_SQL = "SELECT {value}, {text} FROM events WHERE {where} AND {value} IS NOT NULL GROUP BY 1 ORDER BY 1 LIMIT 1000"
@@ -68,13 +69,13 @@ LABELLED_VARIABLE_SQL = ("SELECT value, max(text) FROM (SELECT {value} AS value,
                          "GROUP BY 1 ORDER BY 1 LIMIT 1000")
 
 
-def _variable_sql(text_col: str, value_col: str, where: str) -> str:
-    label = text_col[4:-1] if text_col.startswith("max(") else None
-    if value_col in interned.INTERNED and label in interned.INTERNED:
-        return LABELLED_VARIABLE_SQL.format(value=value_col, text=label, where=where)
-    if value_col in interned.INTERNED and text_col == value_col:
+def _variable_sql(value_col: str, label_col: str | None, where: str) -> str:
+    if value_col in interned.INTERNED and label_col is None:
         return LABEL_VARIABLE_SQL.format(value=value_col, where=where)
-    return VARIABLE_SQL.format(value=value_col, text=text_col, where=where)
+    if value_col in interned.INTERNED and label_col in interned.INTERNED:
+        return LABELLED_VARIABLE_SQL.format(value=value_col, text=label_col, where=where)
+    text = value_col if label_col is None else f"max({label_col})"
+    return VARIABLE_SQL.format(value=value_col, text=text, where=where)
 
 
 def _options(values: Iterable[str]) -> list[dict[str, str]]:
@@ -113,9 +114,9 @@ def variable_values(conn: Any, name: str, from_ms: int, to_ms: int, clauses: Ite
         return [(w, w) for w in CACHE_WORDS]
     if name not in VARIABLE_COLUMNS:
         raise BadRequest(f"unknown variable {name!r}; known: {', '.join(VARIABLES)}")
-    text_col, value_col = VARIABLE_COLUMNS[name]
+    value_col, label_col = VARIABLE_COLUMNS[name]
     where, params = events_where([c for c in clauses if c.key != name], from_ms, to_ms)
-    rows = list(conn.execute(_variable_sql(text_col, value_col, where), params))
+    rows = list(conn.execute(_variable_sql(value_col, label_col, where), params))
     if name == "status":
         return [(w, w) for w in STATUS_WORDS] + [(str(v), str(v)) for v, _ in rows]
     out = []

@@ -356,20 +356,15 @@ GROUPS: dict[str, tuple[str, str]] = {
 
 
 def key_equals_sql(column: str) -> str:
-    """`<key column> = ?` for one key other than '' on the events view, bound to the value
-    `key_ids` gives: the label's id (`lid_`, datasource/interned.py), so events(key, ts_ms)
-    serves it as one index seek."""
-    if column in interned.INTERNED:
-        return f"{interned.ID_PREFIX}{column} = ?"
-    return f"{GROUPS[column][0]} = ?"
+    """`<key column> = ?` on the events view for one key other than '' of a LABELS column (all
+    interned), bound to its id from `key_ids`: events(key, ts_ms) serves it as one index seek."""
+    return f"{interned.ID_PREFIX}{column} = ?"
 
 
-def key_ids(conn: Any, column: str, keys: Iterable[str]) -> dict[str, Any]:
-    """key -> the value to bind in `key_equals_sql(column)`; a key absent was never stored."""
-    keys = [k for k in keys if k != ""]
-    if column in interned.INTERNED:
-        return interned.lookup(conn, keys)
-    return {k: k for k in keys}
+def key_ids(conn: Any, keys: Iterable[str]) -> dict[str, int]:
+    """key -> the label id to bind in `key_equals_sql`; a key absent was never stored ('' never is:
+    it stands for NULL too)."""
+    return interned.lookup(conn, [k for k in keys if k != ""])
 
 
 def empty(measures: Sequence[str] = ALL) -> list[Any]:
@@ -791,13 +786,13 @@ class Reader:
                 candidates = [r[0] for r in self.conn.execute(
                     "SELECT DISTINCT key FROM rollup_aliases WHERE dim = ?", (dim,)) if r[0] not in (skip, "")]
             sql = f"SELECT 1 FROM events WHERE {where} AND {key_equals_sql(column)} LIMIT 1"
-            if not self.clauses and column in interned.INTERNED:
+            if not self.clauses:
                 # the window alone: event_rows itself. A statement on the events view is prepared
                 # again at each run (new time bounds, which the planner's STAT4 estimates read),
                 # and preparing the view's 99 columns costs ~35 us, 5x the seek (Monitoring's
                 # summary made ~300 such seeks per panel)
                 sql = f"SELECT 1 FROM {interned.ROWS} WHERE {where} AND {column} = ? LIMIT 1"
-            ids = key_ids(self.conn, column, candidates)
+            ids = key_ids(self.conn, candidates)
             for key in candidates:
                 if key not in found and key in ids and self.conn.execute(sql, (*params, ids[key])).fetchone():
                     found.add(key)
@@ -962,7 +957,7 @@ def labels(reader: Reader, column: str, keys: Iterable[str], from_ms: int, to_ms
         where, params = reader.raw_where(from_ms, to_ms)
         by_id = f"SELECT max({label_col}) FROM events WHERE {where} AND {key_equals_sql(column)}"
         by_text = f"SELECT max({label_col}) FROM events WHERE {where} AND {GROUPS[column][0]} = ?"
-        ids = key_ids(reader.conn, column, ambiguous)
+        ids = key_ids(reader.conn, ambiguous)
         for key in ambiguous:  # '' stands for NULL too (GROUPS' coalesce): no label id for it
             if key == "":
                 out[key] = reader.conn.execute(by_text, (*params, key)).fetchone()[0]

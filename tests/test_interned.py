@@ -230,3 +230,9 @@ def test_export_reads_event_rows_and_maps_every_label_back(conn, monkeypatch):
 def test_export_filters_match_labels_in_any_of_their_columns(conn, filters, ids):
     store.insert_batch(conn, EVENTS, origin="test")
     assert [r["id"] for r in store.iter_export_rows(conn, 0, 2**62, filters)] == ids
+
+
+def test_the_key_columns_the_planner_seeks_by_id_are_interned():
+    """query_plan.key_equals_sql binds a label id for every LABELS key column."""
+    from datasource.query_plan import LABELS
+    assert set(LABELS) == {"account_key", "api_key_hash"} and set(LABELS) <= interned.INTERNED
